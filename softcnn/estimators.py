@@ -269,6 +269,9 @@ class BaseSoftConv(BaseEstimator, metaclass=ABCMeta):
         else:
             net = self._make_network(arch, generator)
         net = net.to(device=device, dtype=dtype)
+        scale = 1.0 / np.sqrt(1.0 + 2.0 * self.tying)
+        for layer in net.soft_layers:
+            layer.set_deviation_scale(scale)
 
         validation_score = None
         if self.early_stopping and not incremental:
@@ -335,14 +338,14 @@ class BaseSoftConv(BaseEstimator, metaclass=ABCMeta):
                 "and kept the last finite weights. Lower learning_rate, scale X (e.g. StandardScaler "
                 "or pixels/255), or increase alpha.",
                 DivergenceWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
         elif not result.converged and not incremental:
             warnings.warn(
                 f"{solver} did not converge in max_iter={self.max_iter} iterations "
                 f"({result.message or 'stopping rule not met'}); increase max_iter or tol.",
                 ConvergenceWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
         return self
 

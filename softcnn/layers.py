@@ -178,6 +178,8 @@ class SoftConv2d(nn.Module):
         factory = {"dtype": dtype, "device": device}
         self.shared = nn.Parameter(torch.zeros(out_channels, K, **factory))
         self.deviation = nn.Parameter(torch.zeros(L, out_channels, K, **factory))
+        # d_p = deviation_scale * deviation: a diagonal preconditioner (see set_deviation_scale)
+        self.deviation_scale = 1.0
 
         ex = self.gh.exists()[:, None, :, None] & self.gw.exists()[None, :, None, :]
         ex = np.broadcast_to(ex.reshape(L, 1, Sh * Sw), (L, in_channels, Sh * Sw)).reshape(L, -1)
@@ -228,13 +230,29 @@ class SoftConv2d(nn.Module):
     def support_shape(self) -> tuple[int, int]:
         return (self.gh.extent, self.gw.extent)
 
+    def set_deviation_scale(self, scale: float) -> None:
+        """Store the deviations as ``d_p / scale`` without changing them.
+
+        A tying strength λ multiplies the curvature of the deviations by about
+        ``1 + 2λ``; optimising ``d / c`` with ``c = 1 / sqrt(1 + 2λ)`` gives them
+        the curvature of the shared kernel, so L-BFGS reaches the CNN limit in
+        a few iterations instead of crawling along a stiff direction.
+        """
+        with torch.no_grad():
+            self.deviation.mul_(self.deviation_scale / scale)
+        self.deviation_scale = float(scale)
+
+    def deviations(self) -> torch.Tensor:
+        """Deviations ``d_p`` of shape ``(L, F, K)`` (all offsets)."""
+        return self.deviation * self.deviation_scale
+
     def kernels(self) -> torch.Tensor:
         """Effective kernel vectors ``m + d_p`` of shape ``(L, F, K)``, zero where absent."""
-        return (self.shared.unsqueeze(0) + self.deviation) * self.mask.unsqueeze(1)
+        return (self.shared.unsqueeze(0) + self.deviations()) * self.mask.unsqueeze(1)
 
     def masked_deviation(self) -> torch.Tensor:
         """Deviations ``d_p`` restricted to existing offsets, ``(L, F, K)``."""
-        return self.deviation * self.mask.unsqueeze(1)
+        return self.deviations() * self.mask.unsqueeze(1)
 
     def mean_kernel(self) -> torch.Tensor:
         """Mean of the effective kernels over the positions where each offset exists, ``(F, K)``."""

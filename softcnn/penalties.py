@@ -97,7 +97,7 @@ class Penalty(ABC):
 def _grid_differences(layer: SoftConv2d):
     """Deviation differences between 4-neighbour positions and the masks of offsets existing at both."""
     Lh, Lw = layer.output_shape
-    d = layer.deviation.reshape(Lh, Lw, *layer.deviation.shape[1:])  # (Lh, Lw, F, K)
+    d = layer.deviations().reshape(Lh, Lw, *layer.deviation.shape[1:])  # (Lh, Lw, F, K)
     m = layer.mask.reshape(Lh, Lw, 1, -1)
     return [
         (d[1:] - d[:-1], m[1:] & m[:-1]),

@@ -314,125 +314,125 @@ def nested_group_prox(
 
 
 def _ramp_block_mean(
-    csum: torch.Tensor,
-    start: torch.Tensor,
-    stop: torch.Tensor,
-    n: int,
-    t: torch.Tensor,
-    dim: int = -1,
+    csum: torch.Tensor, start: torch.Tensor, stop: torch.Tensor, n: int, t: torch.Tensor
 ) -> torch.Tensor:
     """Mean of ``v_i = xs_i - t (2 i - n - 1)`` (1-based ``i``) over ``[start, stop)``.
 
-    ``csum`` holds the cumulative sums of sorted ``xs`` along ``dim`` with a
-    leading zero. The mean of the ramp ``2 i - n - 1`` over the 0-based
-    positions ``start..stop-1`` is ``start + stop - n``, an exact integer, so
-    the block holding all ``n`` entries gets a ramp term of exactly 0.
+    Works column-wise: ``csum`` of shape (n + 1, R) holds the cumulative sums of
+    the sorted columns of ``xs`` with a leading zero row, ``start`` and
+    ``stop`` are integer tensors with R columns. The mean of the ramp
+    ``2 i - n - 1`` over the 0-based positions ``start..stop-1`` is the exact
+    integer ``start + stop - n``, so the block holding all ``n`` entries gets a
+    ramp term of exactly 0. Empty blocks give NaN.
     """
     dt = csum.dtype
-    total = csum.gather(dim, stop) - csum.gather(dim, start)
+    total = csum.gather(0, stop) - csum.gather(0, start)
     return total / (stop - start).to(dt) - t * (start + stop - n).to(dt)
 
 
-def _block_bounds(flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per position, start (inclusive) and stop (exclusive) of its block.
+def _stack_pav(csum: torch.Tensor, starts: torch.Tensor, n: int, t: torch.Tensor) -> torch.Tensor:
+    """Exact pool-adjacent-violators from given initial blocks, vectorised over columns.
 
-    ``flags`` has shape (rows, n); ``flags[b, i]`` is True where a block starts
-    (``flags[:, 0]`` must be True).
+    ``starts`` of shape (W, R) lists, per column, the start positions of its
+    initial blocks in increasing order, padded with ``n`` (at least one
+    padding row). Every column runs its own stack machine; one vectorised step
+    either merges the two top blocks of a column (if their means violate the
+    order) or pushes the column's next initial block. A column with ``m``
+    initial blocks is done after at most ``2 m - 1`` steps (``m`` pushes and
+    fewer than ``m`` merges): at most ``2 W`` steps of ``O(R)`` work. Returns
+    the final block starts in the same padded format.
     """
-    n = flags.shape[-1]
-    idx = torch.arange(n, device=flags.device).expand_as(flags)
-    start = torch.where(flags, idx, torch.zeros_like(idx)).cummax(-1).values
-    ends = torch.cat([flags[:, 1:], flags.new_ones(flags.shape[0], 1)], dim=-1)
-    last = torch.where(ends, idx, torch.full_like(idx, n - 1))
-    stop = last.flip(-1).cummin(-1).values.flip(-1) + 1
-    return start, stop
-
-
-def _stack_pav(csum: torch.Tensor, flags: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Exact pool-adjacent-violators over given initial blocks, vectorised over rows.
-
-    ``csum`` has shape (rows, n + 1) and ``flags`` (rows, n) marks the starts of
-    the initial blocks. Every row runs its own stack machine; one vectorised
-    step either merges the two top blocks of a row (if their means violate the
-    order) or pushes the row's next initial block. A row with ``m`` initial
-    blocks is done after at most ``2 m - 1`` steps (``m`` pushes, fewer than
-    ``m`` merges), so the loop runs at most ``2 n`` times with ``O(rows)``
-    work per step. Returns the final block-start flags.
-    """
-    rows, n = flags.shape
-    device = flags.device
-    _, stop = _block_bounds(flags)
-    # Work in (n, rows) layout: the rows' stack pointers stay close to each other,
-    # so the per-step gathers touch neighbouring memory.
-    csum_t = csum.t().contiguous()
-    stop_t = stop.t().contiguous()
-    bstart = torch.zeros(n, rows, dtype=torch.long, device=device)  # stack of block starts
-    top = torch.zeros(1, rows, dtype=torch.long, device=device)  # index of the top block
-    nxt = stop_t[:1].clone()  # the top block of a row is [bstart[top], nxt)
-    max_steps = 2 * int(flags.sum(-1).max()) + 8
+    width, cols = starts.shape
+    device = starts.device
+    bstart = torch.zeros(width, cols, dtype=torch.long, device=device)  # stack of block starts
+    top = torch.zeros(1, cols, dtype=torch.long, device=device)  # stack pointer
+    pos = torch.ones(1, cols, dtype=torch.long, device=device)  # top block ends at starts[pos]
+    nxt = starts[1:2].clone()
+    max_steps = 2 * int((starts < n).sum(0).max()) + 8
     for step in range(max_steps):
         left = bstart.gather(0, (top - 1).clamp_min(0))
         right = bstart.gather(0, top)
-        left_mean = _ramp_block_mean(csum_t, left, right, n, t, dim=0)
-        right_mean = _ramp_block_mean(csum_t, right, nxt, n, t, dim=0)
+        left_mean = _ramp_block_mean(csum, left, right, n, t)
+        right_mean = _ramp_block_mean(csum, right, nxt, n, t)
         viol = (top >= 1) & (left_mean > right_mean)
         push = ~viol & (nxt < n)
         if step % 8 == 7 and not bool((viol | push).any()):
             break
         top = top - viol.long() + push.long()
         bstart.scatter_(0, top, torch.where(push, nxt, bstart.gather(0, top)))
-        nxt = torch.where(push, stop_t.gather(0, nxt.clamp_max(n - 1)), nxt)
+        pos = pos + push.long()
+        nxt = torch.where(push, starts.gather(0, pos.clamp_max(width - 1)), nxt)
     else:  # pragma: no cover - the step bound is a theorem
         raise RuntimeError("pool-adjacent-violators did not terminate")
-    valid = torch.arange(n, device=device).unsqueeze(1) <= top
-    out = torch.zeros(n, rows, dtype=torch.bool, device=device)
-    out.scatter_(0, torch.where(valid, bstart, torch.zeros_like(bstart)), valid)
-    out[0] = True
-    return out.t()
+    rows = torch.arange(width, device=device).unsqueeze(1)
+    return torch.where(rows <= top, bstart, torch.full_like(bstart, n))
 
 
-# Cost model of ``_isotonic_ramp`` in units of "one element of one stack step":
-# a parallel pass costs about 4 units per entry plus a fixed overhead, a stack
-# step has a fixed (Python/kernel launch) overhead worth about 2500 units.
+# Cost model of ``_isotonic_ramp`` in units of "one column of one stack step":
+# a parallel pass costs about 4 units per (block, column) plus a fixed overhead,
+# a stack step has a fixed (interpreter / kernel launch) overhead of about 2500.
 _PASS_COST_PER_ENTRY = 4
 _PASS_OVERHEAD = 3000
 _STACK_STEP_OVERHEAD = 2500
 
 
 def _isotonic_ramp(xs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Isotonic regression of ``xs_i - t (2 i - n - 1)`` for the rows of sorted ``xs``.
+    """Isotonic regression of ``xs_i - t (2 i - n - 1)`` for the columns of ``xs``.
 
-    Phase 1 runs parallel PAV passes: any two adjacent blocks whose means
-    violate the order lie in one level set of the solution, so all of them can
-    be merged at once; rows without violators are final and leave the active
-    set. Parallel passes can cascade (up to ``n`` passes), so following a
-    "ski rental" rule they run only while their total cost stays below the cost
-    of the exact stack PAV; phase 2 then finishes the remaining rows with
-    :func:`_stack_pav` started from the current blocks. Either way the result
-    is exact; the total cost is at most about twice the cheaper strategy.
+    ``xs`` has shape (n, B), each column sorted ascending. A partition into
+    blocks is stored per column as the padded, increasing list of block
+    starts. Phase 1 runs parallel PAV passes: any two adjacent blocks whose
+    means violate the order lie in one level set of the solution, so all of
+    them are merged at once; columns without violators are final and leave the
+    active set. Passes can cascade (up to ``n`` of them), so following a
+    "ski rental" rule they run only while their total cost stays below the
+    cost of the exact stack PAV; phase 2 finishes the remaining columns with
+    :func:`_stack_pav` from their current blocks. The result is exact either
+    way, at a cost of at most about twice the cheaper strategy.
     """
-    rows, n = xs.shape
-    csum = torch.cat([xs.new_zeros(rows, 1), xs.cumsum(-1)], dim=-1)
-    flags = torch.ones(rows, n, dtype=torch.bool, device=xs.device)
-    active = torch.arange(rows, device=xs.device)
-    budget = 2 * n * (rows + _STACK_STEP_OVERHEAD)
+    n, ncols = xs.shape
+    device = xs.device
+    csum = torch.cat([xs.new_zeros(1, ncols), xs.cumsum(0)], dim=0)
+    final = torch.full((n + 1, ncols), n, dtype=torch.long, device=device)
+    cols = torch.arange(ncols, device=device)
+    starts = torch.arange(n + 1, device=device).unsqueeze(1).expand(n + 1, ncols)
+    cs = csum
+    budget = 2 * n * (ncols + _STACK_STEP_OVERHEAD)
     spent = 0
-    while active.numel():
-        cost = _PASS_COST_PER_ENTRY * n * active.numel() + _PASS_OVERHEAD
+    while True:
+        width, active = starts.shape
+        cost = _PASS_COST_PER_ENTRY * width * active + _PASS_OVERHEAD
         if spent + cost > budget:
             break
         spent += cost
-        f = flags[active]
-        start, stop = _block_bounds(f)
-        mean = _ramp_block_mean(csum[active], start, stop, n, t)
-        viol = f[:, 1:] & (mean[:, :-1] > mean[:, 1:])
-        still = viol.any(-1)
-        flags[active] = torch.cat([f[:, :1], f[:, 1:] & ~viol], dim=-1)
-        active = active[still]
-    if active.numel():
-        flags[active] = _stack_pav(csum[active], flags[active], t)
-    start, stop = _block_bounds(flags)
-    return _ramp_block_mean(csum, start, stop, n, t)
+        mean = _ramp_block_mean(cs, starts[:-1], starts[1:], n, t)
+        viol = (starts[1:-1] < n) & (mean[:-1] > mean[1:])
+        still = viol.any(0)
+        if not bool(still.all()):
+            done = ~still
+            final[:width, cols[done]] = starts[:, done]
+            cols, cs, starts, viol = cols[still], cs[:, still], starts[:, still], viol[:, still]
+            if cols.numel() == 0:
+                break
+        # drop the start of every block that merges into its left neighbour
+        keep = starts < n
+        keep[1:-1] &= ~viol
+        dest = keep.cumsum(0) - 1
+        new_width = int(dest[-1].max()) + 2
+        merged = torch.full((width + 1, cols.numel()), n, dtype=torch.long, device=device)
+        merged.scatter_(0, torch.where(keep, dest, torch.full_like(dest, width)), starts)
+        starts = merged[:new_width]
+    if cols.numel():
+        out = _stack_pav(cs, starts.contiguous(), n, t)
+        final[: out.shape[0], cols] = out
+    # expand block means to the positions
+    width = int((final < n).sum(0).max()) + 1
+    final = final[:width]
+    mean = _ramp_block_mean(csum, final[:-1], final[1:], n, t)
+    flags = torch.zeros(n + 1, ncols, dtype=torch.bool, device=device)
+    flags.scatter_(0, final[:-1], True)
+    block = flags[:n].cumsum(0) - 1
+    return mean.gather(0, block)
 
 
 def pairwise_l1_prox(x: torch.Tensor, t: Scalar, dim: int = 0) -> torch.Tensor:
@@ -492,11 +492,11 @@ def pairwise_l1_prox(x: torch.Tensor, t: Scalar, dim: int = 0) -> torch.Tensor:
     n = x.shape[d]
     if n <= 1 or t_float == 0 or x.numel() == 0:
         return x.clone()
-    moved = x.movedim(d, -1)
-    xs, order = torch.sort(moved.reshape(-1, n).to(acc), dim=-1)
+    moved = x.movedim(d, 0)
+    xs, order = torch.sort(moved.reshape(n, -1).to(acc), dim=0)
     us = _isotonic_ramp(xs, t_)
-    u = torch.empty_like(us).scatter_(-1, order, us)
-    return u.to(x.dtype).reshape(moved.shape).movedim(-1, d).contiguous()
+    u = torch.empty_like(us).scatter_(0, order, us)
+    return u.to(x.dtype).reshape(moved.shape).movedim(0, d).contiguous()
 
 
 # ---------------------------------------------------------------------------
@@ -532,7 +532,8 @@ def tv_prox(
         Maximum number of dual iterations.
     tol : float, default 1e-10
         Stop once the largest change of the dual variable over one iteration
-        is at most ``tol * t`` (checked every 10 iterations).
+        is at most ``tol * max|x|`` (checked every 10 iterations; ``tol=0``
+        runs all ``n_iter`` iterations).
     mask : torch.Tensor of bool, optional
         Broadcastable to ``x.shape``; ``mask[p, j]`` says whether entry ``j``
         exists at position ``p``. A pair ``(p, q)`` is compared at entry ``j``
@@ -606,6 +607,9 @@ def tv_prox(
         m = mh = mv = None
     if t_float == 0 or lh * lw == 1 or x.numel() == 0:
         return x.clone()
+    x_scale = float(x.detach().abs().amax())
+    if x_scale == 0:
+        return x.clone()
 
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
 
@@ -649,7 +653,7 @@ def tv_prox(
         zh, zv = nh, nv
         if it % 10 == 9:
             change = max(float(d.abs().amax()) for d in (dh, dv) if d.numel())
-            if change <= tol * t_float:
+            if change <= tol * x_scale:
                 break
     u = X - grad_t(zh, zv)
     if m is not None:
