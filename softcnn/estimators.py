@@ -28,7 +28,7 @@ from ._validation import (
 )
 from .exceptions import DivergenceWarning
 from .network import ACTIVATIONS, POOLINGS, SoftConvNet, to_hard_cnn
-from .penalties import make_penalties
+from .penalties import make_penalties, preconditioner
 from .solvers import Objective, lbfgs, stochastic
 
 __all__ = ["SoftConvClassifier", "SoftConvRegressor"]
@@ -269,9 +269,8 @@ class BaseSoftConv(BaseEstimator, metaclass=ABCMeta):
         else:
             net = self._make_network(arch, generator)
         net = net.to(device=device, dtype=dtype)
-        scale = 1.0 / np.sqrt(1.0 + 2.0 * self.tying)
         for layer in net.soft_layers:
-            layer.set_deviation_scale(scale)
+            layer.set_scales(*preconditioner(layer, p["penalties"]))
 
         validation_score = None
         if self.early_stopping and not incremental:

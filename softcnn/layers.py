@@ -178,8 +178,10 @@ class SoftConv2d(nn.Module):
         factory = {"dtype": dtype, "device": device}
         self.shared = nn.Parameter(torch.zeros(out_channels, K, **factory))
         self.deviation = nn.Parameter(torch.zeros(L, out_channels, K, **factory))
-        # d_p = deviation_scale * deviation: a diagonal preconditioner (see set_deviation_scale)
-        self.deviation_scale = 1.0
+        # m = shared_scale * shared, d_p = deviation_scale * deviation: a diagonal
+        # preconditioner (see set_scales); the model itself does not depend on it.
+        self.register_buffer("shared_scale", torch.ones(K, **factory))
+        self.register_buffer("deviation_scale", torch.ones(K, **factory))
 
         ex = self.gh.exists()[:, None, :, None] & self.gw.exists()[None, :, None, :]
         ex = np.broadcast_to(ex.reshape(L, 1, Sh * Sw), (L, in_channels, Sh * Sw)).reshape(L, -1)
@@ -230,17 +232,25 @@ class SoftConv2d(nn.Module):
     def support_shape(self) -> tuple[int, int]:
         return (self.gh.extent, self.gw.extent)
 
-    def set_deviation_scale(self, scale: float) -> None:
-        """Store the deviations as ``d_p / scale`` without changing them.
+    def set_scales(self, shared_scale: torch.Tensor, deviation_scale: torch.Tensor) -> None:
+        """Re-express ``m`` and ``d`` in new per-entry scales ``(K,)`` without changing them.
 
-        A tying strength λ multiplies the curvature of the deviations by about
-        ``1 + 2λ``; optimising ``d / c`` with ``c = 1 / sqrt(1 + 2λ)`` gives them
-        the curvature of the shared kernel, so L-BFGS reaches the CNN limit in
-        a few iterations instead of crawling along a stiff direction.
+        L-BFGS is sensitive to how differently the objective curves along
+        parameters: a strong penalty makes the entries it charges stiff, and
+        each ``d_p`` (one position) is curved about ``1/L`` as much as ``m``.
+        Optimising ``m / c_m`` and ``d / c_d`` with ``c = 1 / sqrt(curvature)``
+        (see :func:`softcnn.penalties.preconditioner`) evens this out, so
+        fits reach the CNN limit at strong tying instead of crawling.
         """
         with torch.no_grad():
-            self.deviation.mul_(self.deviation_scale / scale)
-        self.deviation_scale = float(scale)
+            self.shared.mul_(self.shared_scale / shared_scale)
+            self.deviation.mul_(self.deviation_scale / deviation_scale)
+            self.shared_scale.copy_(shared_scale)
+            self.deviation_scale.copy_(deviation_scale)
+
+    def shared_kernel(self) -> torch.Tensor:
+        """The shared kernels ``m`` of shape ``(F, K)``."""
+        return self.shared * self.shared_scale
 
     def deviations(self) -> torch.Tensor:
         """Deviations ``d_p`` of shape ``(L, F, K)`` (all offsets)."""
@@ -248,7 +258,7 @@ class SoftConv2d(nn.Module):
 
     def kernels(self) -> torch.Tensor:
         """Effective kernel vectors ``m + d_p`` of shape ``(L, F, K)``, zero where absent."""
-        return (self.shared.unsqueeze(0) + self.deviations()) * self.mask.unsqueeze(1)
+        return (self.shared_kernel().unsqueeze(0) + self.deviations()) * self.mask.unsqueeze(1)
 
     def masked_deviation(self) -> torch.Tensor:
         """Deviations ``d_p`` restricted to existing offsets, ``(L, F, K)``."""

@@ -37,6 +37,7 @@ __all__ = [
     "Ridge",
     "locality_profile",
     "make_penalties",
+    "preconditioner",
     "register",
     "supported_penalties",
 ]
@@ -88,6 +89,15 @@ class Penalty(ABC):
         """Penalty of a network: per-layer values averaged over positions, summed over layers."""
         return sum(self.layer_value(layer) / layer.n_positions for layer in net.soft_layers)
 
+    def curvature(self, layer: SoftConv2d) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+        """Rough diagonal curvature ``(κ_m, κ_d)`` of :meth:`value` per unit strength.
+
+        ``κ_m`` along an entry of ``m``; ``κ_d`` is ``L`` times the curvature
+        along an entry of one ``d_p``. Only steers the solver's preconditioner
+        (:func:`preconditioner`); 0 by default.
+        """
+        return 0.0, 0.0
+
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({opts})"
@@ -116,6 +126,9 @@ class TyingL2Mean(Penalty):
     def layer_value(self, layer):
         return layer.masked_deviation().pow(2).sum()
 
+    def curvature(self, layer):
+        return 0.0, 2.0
+
 
 @register("tying", "l2", "grid")
 class TyingL2Grid(Penalty):
@@ -127,6 +140,9 @@ class TyingL2Grid(Penalty):
 
     def layer_value(self, layer):
         return sum((diff * m).pow(2).sum() for diff, m in _grid_differences(layer))
+
+    def curvature(self, layer):
+        return 0.0, 8.0  # largest eigenvalue of twice the grid Laplacian
 
 
 # ------------------------------------------------------------------ locality
@@ -220,6 +236,10 @@ class LocalityL2(_ProfiledPenalty):
     def layer_value(self, layer):
         return (layer.kernels().pow(2) * self.weights(layer)).sum()
 
+    def curvature(self, layer):
+        g = 2.0 * self.weights(layer)
+        return g, g
+
 
 # --------------------------------------------------------------------- ridge
 @register("alpha")
@@ -230,11 +250,31 @@ class Ridge(Penalty):
     def layer_value(self, layer):
         return layer.kernels()[..., :-1].pow(2).sum()
 
+    def curvature(self, layer):
+        return 2.0, 2.0
+
     def value(self, net):
         return super().value(net) + sum(lin.weight.pow(2).sum() for lin in net.linear_layers)
 
 
 # --------------------------------------------------------------------- build
+def preconditioner(layer: SoftConv2d, penalties) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-entry scales ``(c_m, c_d)`` of shape ``(K,)`` for :meth:`SoftConv2d.set_scales`.
+
+    The loss is taken to curve each entry of ``m`` about 1 and of each
+    ``d_p`` about ``1/L``; each penalty adds ``strength * κ_m`` and
+    ``strength * κ_d / L`` (see :meth:`Penalty.curvature`).
+    """
+    L = layer.n_positions
+    h_m = torch.ones_like(layer.shared_scale)
+    h_d = torch.ones_like(layer.deviation_scale)
+    for strength, pen in penalties:
+        cm, cd = pen.curvature(layer)
+        h_m = h_m + strength * cm
+        h_d = h_d + strength * cd
+    return h_m.rsqrt(), (L / h_d).sqrt()
+
+
 def make_penalties(params: Mapping) -> list[tuple[float, Penalty]]:
     """The active penalties ``(strength, penalty)`` for a dict of estimator parameters.
 

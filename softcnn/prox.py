@@ -11,7 +11,7 @@ for one penalty ``g``. They are pure functions of torch tensors: the input is
 never modified in place, the result has the dtype, device and shape of ``x``,
 and all work is vectorised over the entries (Python loops run only over a
 small number of groups or iterations). ``t`` may be a Python number or a 0-d
-tensor. All functions accept float16/bfloat16/float32/float64 inputs;
+tensor. Inputs must be floating point (float32 and float64 are tested);
 :func:`pairwise_l1_prox` accumulates in float64 where the device supports it.
 
 Functions
@@ -472,7 +472,7 @@ def pairwise_l1_prox(x: torch.Tensor, t: Scalar, dim: int = 0) -> torch.Tensor:
 
     Algorithm and complexity, for ``n`` entries and ``B`` independent slices
     (all steps vectorised over the slices): sorting costs
-    :math:`O(B n \log n)`. The isotonic regression (pool adjacent violators,
+    :math:`O(B n \\log n)`. The isotonic regression (pool adjacent violators,
     PAV) first runs *parallel* PAV passes, each merging every pair of adjacent
     blocks that violates the order (valid because such a pair always lies in
     one level set of the solution) at :math:`O(Bn)` cost; slices without
@@ -480,7 +480,7 @@ def pairwise_l1_prox(x: torch.Tensor, t: Scalar, dim: int = 0) -> torch.Tensor:
     so they stop once their cost reaches that of the alternative, and the
     remaining slices are finished by an exact stack-based PAV started from the
     current blocks: at most :math:`2n` vectorised steps of :math:`O(B)` work.
-    Total: :math:`O(B n \log n)` work, :math:`O(B n)` memory and
+    Total: :math:`O(B n \\log n)` work, :math:`O(B n)` memory and
     :math:`O(n)` Python-level iterations (no :math:`O(n^2)` memory).
     """
     _check_input(x)

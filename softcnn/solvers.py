@@ -196,7 +196,7 @@ def stochastic(
                 break
             loss.backward()
             opt.step()
-            total += float(loss) * idx.shape[0]
+            total += loss.item() * idx.shape[0]
         epoch_loss = total / n
         if not math.isfinite(epoch_loss) or not all(torch.isfinite(p).all() for p in params):
             with torch.no_grad():
