@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: venv
-	$(BIN)/python examples/demo_digits.py
+	$(BIN)/python -m softcnn.demo
 
 test: venv
 	$(BIN)/python -m pytest -q

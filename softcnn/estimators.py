@@ -56,10 +56,27 @@ def _atomic_fit(method):
     return wrapper
 
 
+def _merge_duplicates(X: np.ndarray, y: np.ndarray, sw: np.ndarray):
+    """Merge identical (x, y) samples, summing their weights; drop zero weights; sort canonically.
+
+    The full-batch objective depends on the data only through this weighted
+    empirical distribution, so the fit is unchanged, but it no longer depends
+    on sample order, and weight 2 is bitwise the same as a repeated sample.
+    """
+    n = X.shape[0]
+    joint = np.column_stack([X.reshape(n, -1), y.reshape(n, -1).astype(np.float64)])
+    rows, inverse = np.unique(joint, axis=0, return_inverse=True)
+    weights = np.bincount(inverse.ravel(), weights=sw, minlength=rows.shape[0])
+    keep = weights > 0
+    rows, weights = rows[keep], weights[keep]
+    d = X[0].size
+    y_new = rows[:, d:].astype(y.dtype).reshape(-1, *y.shape[1:])
+    return rows[:, :d].reshape(-1, *X.shape[1:]), y_new, weights
+
+
 class BaseSoftConv(BaseEstimator, metaclass=ABCMeta):
     """Shared machinery of the soft-convolution estimators (not for direct use)."""
 
-    @abstractmethod
     def __init__(
         self,
         channels=8,
@@ -287,6 +304,9 @@ class BaseSoftConv(BaseEstimator, metaclass=ABCMeta):
                     return -float((sw_val * self._loss(net(X_val), y_val_t)).sum() / sw_val.sum())
 
             X, y, sw = X[idx_train], y[idx_train], sw[idx_train]
+
+        if solver == "lbfgs":
+            X, y, sw = _merge_duplicates(X, y, sw)
 
         objective = Objective(
             net,
@@ -597,43 +617,6 @@ class SoftConvClassifier(ClassifierMixin, BaseSoftConv):
     """
     )
 
-    def __init__(
-        self,
-        channels=8,
-        kernel_size=3,
-        stride=1,
-        padding="same",
-        support="auto",
-        pooling=None,
-        activation="tanh",
-        dense=(),
-        tying=0.0,
-        tying_penalty="l2",
-        tying_graph="mean",
-        locality=0.0,
-        locality_penalty="l2",
-        locality_profile="window",
-        locality_power=1.0,
-        loco_gamma=0.5,
-        loco_eta=2.0,
-        alpha=1e-4,
-        solver="auto",
-        learning_rate=1e-3,
-        batch_size="auto",
-        max_iter=200,
-        tol=1e-4,
-        n_iter_no_change=10,
-        early_stopping=False,
-        validation_fraction=0.1,
-        image_shape="auto",
-        device="auto",
-        dtype="auto",
-        random_state=None,
-        verbose=0,
-        warm_start=False,
-    ):
-        super().__init__(**{k: v for k, v in locals().items() if k not in ("self", "__class__")})
-
     def _encode_targets(self, y, *, reset, classes=None):
         if y is None:
             raise ValueError(
@@ -743,43 +726,6 @@ class SoftConvRegressor(RegressorMixin, BaseSoftConv):
     True
     """
     )
-
-    def __init__(
-        self,
-        channels=8,
-        kernel_size=3,
-        stride=1,
-        padding="same",
-        support="auto",
-        pooling=None,
-        activation="tanh",
-        dense=(),
-        tying=0.0,
-        tying_penalty="l2",
-        tying_graph="mean",
-        locality=0.0,
-        locality_penalty="l2",
-        locality_profile="window",
-        locality_power=1.0,
-        loco_gamma=0.5,
-        loco_eta=2.0,
-        alpha=1e-4,
-        solver="auto",
-        learning_rate=1e-3,
-        batch_size="auto",
-        max_iter=200,
-        tol=1e-4,
-        n_iter_no_change=10,
-        early_stopping=False,
-        validation_fraction=0.1,
-        image_shape="auto",
-        device="auto",
-        dtype="auto",
-        random_state=None,
-        verbose=0,
-        warm_start=False,
-    ):
-        super().__init__(**{k: v for k, v in locals().items() if k not in ("self", "__class__")})
 
     def _encode_targets(self, y, *, reset, classes=None):
         if y is None:

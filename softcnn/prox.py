@@ -37,7 +37,6 @@ import numbers
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 __all__ = [
     "soft_threshold",
@@ -622,11 +621,14 @@ def tv_prox(
         return gh, gv
 
     def grad_t(zh: torch.Tensor, zv: torch.Tensor) -> torch.Tensor:
-        # adjoint of ``grad``; masked entries of z are always exactly zero
-        return (
-            F.pad(zh, (0, 0, 1, 0)) - F.pad(zh, (0, 0, 0, 1))
-            + F.pad(zv, (0, 0, 0, 0, 1, 0)) - F.pad(zv, (0, 0, 0, 0, 0, 1))
-        )
+        # adjoint of ``grad`` (masked entries of z are always exactly zero);
+        # accumulated in place into a fresh buffer, never into an input
+        out = torch.zeros_like(X)
+        out[:, 1:] += zh
+        out[:, :-1] -= zh
+        out[1:] += zv
+        out[:-1] -= zv
+        return out
 
     def project(z: torch.Tensor) -> torch.Tensor:
         if kind == "l1":

@@ -8,7 +8,6 @@ into a warning with advice.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,20 +40,23 @@ class Objective:
         self.net, self.loss, self.X, self.y, self.sw = net, loss, X, y, sample_weight
         self.penalties = penalties
         self.sw_mean = sample_weight.mean()
+        # equal weights: a plain mean, one op fewer per batch in the hot loop
+        self.uniform = bool((sample_weight == sample_weight[0]).all())
 
     @property
     def n_samples(self) -> int:
         return self.X.shape[0]
 
     def data_loss(self, idx: torch.Tensor | None = None) -> torch.Tensor:
-        X, y, sw = (self.X, self.y, self.sw) if idx is None else (self.X[idx], self.y[idx], self.sw[idx])
-        return (sw * self.loss(self.net(X), y)).sum() / (sw.shape[0] * self.sw_mean)
+        X, y = (self.X, self.y) if idx is None else (self.X[idx], self.y[idx])
+        losses = self.loss(self.net(X), y)
+        if self.uniform:
+            return losses.mean()
+        sw = self.sw if idx is None else self.sw[idx]
+        return (sw * losses).sum() / (sw.shape[0] * self.sw_mean)
 
-    def penalty(self) -> torch.Tensor:
-        total = self.sw_mean.new_zeros(())
-        for strength, pen in self.penalties:
-            total = total + strength * pen.value(self.net)
-        return total
+    def penalty(self) -> torch.Tensor | float:
+        return sum(strength * pen.value(self.net) for strength, pen in self.penalties)
 
     def __call__(self, idx: torch.Tensor | None = None) -> torch.Tensor:
         return self.data_loss(idx) + self.penalty()
@@ -184,25 +186,24 @@ def stochastic(
     epochs = tqdm(range(max_iter), desc=solver, disable=verbose <= 0, leave=False)
     for epoch in epochs:
         snapshot = [p.detach().clone() for p in params]
-        opt_snapshot = copy.deepcopy(opt.state_dict())
         perm = torch.randperm(n, generator=generator).to(device)
         total = 0.0
         for start in range(0, n, batch_size):
             idx = perm[start : start + batch_size]
             opt.zero_grad(set_to_none=True)
             loss = objective(idx)
-            if not torch.isfinite(loss):
+            value = loss.item()
+            if not math.isfinite(value):
                 total = math.nan
                 break
             loss.backward()
             opt.step()
-            total += loss.item() * idx.shape[0]
+            total += value * idx.shape[0]
         epoch_loss = total / n
         if not math.isfinite(epoch_loss) or not all(torch.isfinite(p).all() for p in params):
             with torch.no_grad():
                 for p, s in zip(params, snapshot):
                     p.copy_(s)
-            opt.load_state_dict(opt_snapshot)
             result.diverged = True
             result.message = f"objective not finite in epoch {epoch + 1}"
             break
@@ -231,5 +232,6 @@ def stochastic(
         with torch.no_grad():
             for p, s in zip(params, best_state):
                 p.copy_(s)
-    result.optimizer_state = opt.state_dict()
+    # after a divergence the moments are poisoned: a later partial_fit starts afresh
+    result.optimizer_state = None if result.diverged else opt.state_dict()
     return result

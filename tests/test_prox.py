@@ -19,8 +19,8 @@ from softcnn.prox import (
     tv_prox,
 )
 
-FAST = settings(max_examples=25, deadline=None, derandomize=True, database=None)
-SLOW = settings(max_examples=10, deadline=None, derandomize=True, database=None)
+FAST = settings(max_examples=40, deadline=None, derandomize=True, database=None)
+SLOW = settings(max_examples=15, deadline=None, derandomize=True, database=None)
 
 seeds = st.integers(0, 2**31 - 1)
 steps = st.sampled_from([0.0, 1e-3, 0.05, 0.3, 1.0, 3.0])
