@@ -28,12 +28,14 @@ from ._validation import (
 )
 from .exceptions import DivergenceWarning
 from .network import ACTIVATIONS, POOLINGS, SoftConvNet, to_hard_cnn
-from .penalties import make_penalties, preconditioner
-from .solvers import Objective, lbfgs, stochastic
+from .penalties import has_nonsmooth, make_penalties, preconditioner
+from .solvers import Objective, fista, lbfgs, stochastic
 
 __all__ = ["SoftConvClassifier", "SoftConvRegressor"]
 
-_SOLVERS = ("auto", "lbfgs", "adam", "sgd")
+_SOLVERS = ("auto", "lbfgs", "fista", "adam", "sgd")
+#: solvers that see the whole (merged) data set at every step
+_FULL_BATCH = ("lbfgs", "fista")
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 #: 'auto' solver: full-batch L-BFGS in float64 up to this many samples, Adam above.
 LBFGS_MAX_SAMPLES = 5000
@@ -97,6 +99,11 @@ class BaseSoftConv(BaseEstimator, metaclass=ABCMeta):
         loco_gamma=0.5,
         loco_eta=2.0,
         alpha=1e-4,
+        channel_sparsity=0.0,
+        sparsity=0.0,
+        sparsity_penalty="l1",
+        tl1_a=1.0,
+        threshold=0.0,
         solver="auto",
         learning_rate=1e-3,
         batch_size="auto",
@@ -130,6 +137,11 @@ class BaseSoftConv(BaseEstimator, metaclass=ABCMeta):
         self.loco_gamma = loco_gamma
         self.loco_eta = loco_eta
         self.alpha = alpha
+        self.channel_sparsity = channel_sparsity
+        self.sparsity = sparsity
+        self.sparsity_penalty = sparsity_penalty
+        self.tl1_a = tl1_a
+        self.threshold = threshold
         self.solver = solver
         self.learning_rate = learning_rate
         self.batch_size = batch_size
@@ -183,11 +195,18 @@ class BaseSoftConv(BaseEstimator, metaclass=ABCMeta):
             raise ValueError(f"pooling must be None, 'max' or 'avg'; got {self.pooling!r}.")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}; got {self.activation!r}.")
-        for name in ("locality_power", "loco_gamma", "loco_eta"):
+        for name in ("locality_power", "loco_gamma", "loco_eta", "threshold"):
             check_scalar(getattr(self, name), name, numbers.Real, min_val=0)
+        check_scalar(self.tl1_a, "tl1_a", numbers.Real, min_val=0, include_boundaries="neither")
         p["penalties"] = make_penalties(self.get_params())
         if self.solver not in _SOLVERS:
             raise ValueError(f"solver must be one of {_SOLVERS}; got {self.solver!r}.")
+        if self.solver == "lbfgs" and has_nonsmooth(p["penalties"]):
+            names = [type(pen).__name__ for _, pen in p["penalties"] if not pen.smooth]
+            raise ValueError(
+                f"solver='lbfgs' cannot fit the non-smooth penalties {names}; use solver='auto', "
+                "'fista' (full batch) or 'adam'/'sgd' (proximal mini-batch steps)."
+            )
         check_scalar(self.learning_rate, "learning_rate", numbers.Real, min_val=0, include_boundaries="neither")
         check_scalar(self.tol, "tol", numbers.Real, min_val=0)
         if not (isinstance(self.batch_size, str) and self.batch_size == "auto"):
@@ -202,20 +221,23 @@ class BaseSoftConv(BaseEstimator, metaclass=ABCMeta):
         p["device"] = resolve_device(self.device)
         return p
 
-    def _resolve_solver(self, n_samples: int, *, incremental: bool) -> str:
+    def _resolve_solver(self, n_samples: int, *, incremental: bool, nonsmooth: bool = False) -> str:
         if incremental:
-            if self.solver == "lbfgs":
+            if self.solver in _FULL_BATCH:
                 raise ValueError(
-                    "partial_fit needs a stochastic solver but solver='lbfgs'; use solver='adam' or 'sgd'."
+                    f"partial_fit needs a stochastic solver but solver={self.solver!r}; use solver='adam' "
+                    "or 'sgd'."
                 )
             return "adam" if self.solver == "auto" else self.solver
         if self.solver != "auto":
             return self.solver
-        return "lbfgs" if n_samples <= LBFGS_MAX_SAMPLES else "adam"
+        if n_samples > LBFGS_MAX_SAMPLES:
+            return "adam"
+        return "fista" if nonsmooth else "lbfgs"
 
     def _resolve_dtype(self, solver: str, device: torch.device) -> torch.dtype:
         if self.dtype == "auto":
-            wants64 = solver == "lbfgs" and device.type != "mps"
+            wants64 = solver in _FULL_BATCH and device.type != "mps"
             return torch.float64 if wants64 else torch.float32
         if self.dtype == "float64" and device.type == "mps":
             raise ValueError("MPS devices have no float64; use dtype='float32' or device='cpu'.")
@@ -260,7 +282,7 @@ class BaseSoftConv(BaseEstimator, metaclass=ABCMeta):
             pooling=pooling, activation=activation, dense=dense, n_outputs=n_out, generator=generator,
         )
 
-    def _fit(self, X, y, sample_weight, *, incremental: bool, classes=None):
+    def _fit(self, X, y, sample_weight, *, incremental: bool, classes=None, _constrain=None):
         p = self._validate_hyperparameters()
         fitted = hasattr(self, "network_")
         reuse = fitted and (incremental or self.warm_start)
@@ -270,7 +292,8 @@ class BaseSoftConv(BaseEstimator, metaclass=ABCMeta):
             raise ValueError(f"X has {X.shape[0]} samples but y has {y.shape[0]}; they must match.")
         sw = self._validate_sample_weight(sample_weight, X)
         device = p["device"]
-        solver = self._resolve_solver(X.shape[0], incremental=incremental)
+        proximal = has_nonsmooth(p["penalties"])
+        solver = self._resolve_solver(X.shape[0], incremental=incremental, nonsmooth=proximal)
         dtype = self._resolve_dtype(solver, device)
         rng = check_random_state(self.random_state)
         generator = torch.Generator().manual_seed(int(rng.randint(np.iinfo(np.int32).max)))
@@ -287,7 +310,9 @@ class BaseSoftConv(BaseEstimator, metaclass=ABCMeta):
             net = self._make_network(arch, generator)
         net = net.to(device=device, dtype=dtype)
         for layer in net.soft_layers:
-            layer.set_scales(*preconditioner(layer, p["penalties"]))
+            layer.set_scales(*preconditioner(layer, p["penalties"], uniform=proximal or solver == "fista"))
+        # softcnn.limits freezes some entries at zero (gradient masks), removed after the fit
+        hooks = _constrain(net) if _constrain is not None else []
 
         validation_score = None
         if self.early_stopping and not incremental:
@@ -305,7 +330,7 @@ class BaseSoftConv(BaseEstimator, metaclass=ABCMeta):
 
             X, y, sw = X[idx_train], y[idx_train], sw[idx_train]
 
-        if solver == "lbfgs":
+        if solver in _FULL_BATCH:
             X, y, sw = _merge_duplicates(X, y, sw)
 
         objective = Objective(
@@ -319,6 +344,8 @@ class BaseSoftConv(BaseEstimator, metaclass=ABCMeta):
         params = [q for q in net.parameters() if q.requires_grad]
         if solver == "lbfgs":
             result = lbfgs(objective, params, max_iter=self.max_iter, tol=self.tol, verbose=self.verbose)
+        elif solver == "fista":
+            result = fista(objective, params, max_iter=self.max_iter, tol=self.tol, verbose=self.verbose)
         else:
             batch_size = min(200, X.shape[0]) if self.batch_size == "auto" else min(self.batch_size, X.shape[0])
             result = stochastic(
@@ -329,8 +356,14 @@ class BaseSoftConv(BaseEstimator, metaclass=ABCMeta):
                 optimizer_state=getattr(self, "_optimizer_state", None) if reuse and incremental else None,
                 verbose=self.verbose,
             )
-        with torch.no_grad():
-            final_loss = float(objective())
+        for h in hooks:
+            h.remove()
+        # exact structure: re-express the layers (model unchanged), then snap below threshold
+        for layer in net.soft_layers:
+            for _, pen in p["penalties"]:
+                pen.finalize(layer)
+        n_snapped = sum(layer.snap(float(self.threshold)) for layer in net.soft_layers)
+        final_loss = objective.total()
 
         # Everything below only assigns: the estimator changes all at once.
         for name, value in target_attrs.items():
@@ -344,6 +377,7 @@ class BaseSoftConv(BaseEstimator, metaclass=ABCMeta):
         self.dtype_ = str(dtype).replace("torch.", "")
         self.solver_ = solver
         self.penalties_ = p["penalties"]
+        self.n_snapped_ = n_snapped
         self.loss_curve_ = prev_curve + result.loss_curve
         self.loss_ = final_loss
         self.n_iter_ = (getattr(self, "n_iter_", 0) if reuse and incremental else 0) + result.n_iter
@@ -375,6 +409,12 @@ class BaseSoftConv(BaseEstimator, metaclass=ABCMeta):
         self.kernels_ = [diagnostics.layer_kernels(layer) for layer in net.soft_layers]
         self.shared_kernels_ = [diagnostics.layer_shared_kernels(layer) for layer in net.soft_layers]
         self.support_shapes_ = [layer.support_shape for layer in net.soft_layers]
+        st = diagnostics.structure(net)
+        self.n_tied_positions_ = st["n_tied_positions"]
+        self.kernel_sizes_ = st["kernel_sizes"]
+        self.n_active_channels_ = st["n_active_channels"]
+        self.n_params_ = st["n_params"]
+        self.flops_ = st["flops"]
 
     @_atomic_fit
     def fit(self, X, y, sample_weight=None):

@@ -269,6 +269,61 @@ class SoftConv2d(nn.Module):
         count = self.mask.sum(0).clamp(min=1).to(self.shared.dtype)
         return self.kernels().sum(0) / count
 
+    def kernel_levels(self) -> np.ndarray:
+        """Per offset ``(Sh, Sw)``: the size of the smallest centred window containing it.
+
+        Windows of size ``s`` are ``[⌈(k - s)/2⌉, ⌈(k - s)/2⌉ + s)`` along each
+        axis (relative to the anchor): the nominal window for ``s = k``,
+        centred on it when ``s - k`` is even and one half-pixel off towards
+        the bottom/right otherwise, so the windows of sizes 1, 2, 3, … are
+        nested and each adds a half-ring.
+        """
+        k = self.kernel_size
+
+        def axis_levels(offsets):
+            s = np.arange(1, 2 * (np.abs(offsets).max() + k) + 2)
+            start = -((s - k) // 2)  # ceil((k - s) / 2)
+            inside = (offsets[:, None] >= start[None, :]) & (offsets[:, None] < start[None, :] + s[None, :])
+            return s[inside.argmax(1)]
+
+        return np.maximum.outer(axis_levels(self.gh.offsets()), axis_levels(self.gw.offsets()))
+
+    @torch.no_grad()
+    def canonicalize(self) -> None:
+        """Where an entry's effective weight is 0 at every existing position, set ``m`` and ``d`` to 0.
+
+        The model is unchanged; pruned entries stop counting as deviations.
+        """
+        w = self.kernels()
+        dead = ~(w != 0).any(0)  # (F, K)
+        if dead.any():
+            self.shared.masked_fill_(dead, 0.0)
+            self.deviation.masked_fill_(dead.unsqueeze(0), 0.0)
+
+    @torch.no_grad()
+    def snap(self, threshold: float) -> int:
+        """Set deviations and weights smaller than ``threshold`` in magnitude to exactly 0.
+
+        First deviations ``|d_p| < τ`` (exact ties with ``m``), then effective
+        weights ``|w_p| < τ`` (biases excluded; ``d_p = -m``), at existing
+        offsets. Returns how many entries were changed.
+        """
+        if threshold <= 0:
+            self.canonicalize()
+            return 0
+        ex = self.mask.unsqueeze(1)
+        m = self.shared_kernel().unsqueeze(0)
+        d = self.deviations()
+        small_d = ex & (d != 0) & (d.abs() < threshold)
+        d = torch.where(small_d, torch.zeros_like(d), d)
+        w = m + d
+        small_w = ex & (w != 0) & (w.abs() < threshold)
+        small_w[..., -1] = False
+        d = torch.where(small_w, -m.expand_as(d), d)
+        self.deviation.copy_(d / self.deviation_scale)
+        self.canonicalize()
+        return int(small_d.sum() + small_w.sum())
+
     def offset_map(self, values: torch.Tensor, bias_value: float = 0.0) -> torch.Tensor:
         """Spread a per-offset ``(Sh, Sw)`` map over the kernel vector ``(K,)``."""
         flat = values.reshape(-1).repeat(self.in_channels)
@@ -312,25 +367,48 @@ class SoftConv2d(nn.Module):
         )
 
     # ---------------------------------------------------------------- export
-    def to_conv2d(self) -> nn.Sequential:
-        """The ``nn.Conv2d`` (with explicit zero padding) of the mean kernel cropped to the window.
+    def to_conv2d(self, size: int | None = None, out_channels=None, in_channels=None) -> nn.Sequential:
+        """The ``nn.Conv2d`` (with explicit zero padding) of the mean kernel cropped to a window.
 
-        Exact when the deviations and the weights outside the nominal window are zero.
+        Parameters
+        ----------
+        size : int, optional
+            Kernel size of the conv: the centred window of that size (see
+            :meth:`kernel_levels`); default the nominal ``kernel_size``.
+        out_channels, in_channels : boolean array, optional
+            Channels to keep (default all).
+
+        Exact when the deviations and the weights outside the window are zero
+        (and dropped channels carry no weight).
         """
-        gh, gw, k, C = self.gh, self.gw, self.kernel_size, self.in_channels
+        gh, gw, C = self.gh, self.gw, self.in_channels
+        k = self.kernel_size if size is None else int(size)
+        start = -((k - self.kernel_size) // 2)  # window offsets [start, start + k)
         mean = self.mean_kernel().detach()
         Sh, Sw = self.support_shape
         kern = mean[:, :-1].reshape(self.out_channels, C, Sh, Sw)
-        full = kern.new_zeros(self.out_channels, C, k, k)
+        bias = mean[:, -1]
+        if out_channels is not None:
+            idx = torch.as_tensor(np.flatnonzero(out_channels), device=kern.device)
+            kern, bias = kern[idx], bias[idx]
+        if in_channels is not None:
+            kern = kern[:, torch.as_tensor(np.flatnonzero(in_channels), device=kern.device)]
+        Fo, Ci = kern.shape[:2]
+        full = kern.new_zeros(Fo, Ci, k, k)
         # Copy the part of the window that lies in the support (all of it unless the
         # image is smaller than the kernel, where the rest never touches a pixel).
-        h0, h1 = max(0, gh.lo), min(k, gh.lo + Sh)
-        w0, w1 = max(0, gw.lo), min(k, gw.lo + Sw)
-        full[:, :, h0:h1, w0:w1] = kern[:, :, h0 - gh.lo : h1 - gh.lo, w0 - gw.lo : w1 - gw.lo]
-        conv = nn.Conv2d(C, self.out_channels, k, stride=self.stride, padding=0)
+        h0, h1 = max(start, gh.lo), min(start + k, gh.lo + Sh)
+        w0, w1 = max(start, gw.lo), min(start + k, gw.lo + Sw)
+        full[:, :, h0 - start : h1 - start, w0 - start : w1 - start] = kern[
+            :, :, h0 - gh.lo : h1 - gh.lo, w0 - gw.lo : w1 - gw.lo
+        ]
+        conv = nn.Conv2d(Ci, Fo, k, stride=self.stride, padding=0)
         conv = conv.to(dtype=full.dtype, device=full.device)
         with torch.no_grad():
             conv.weight.copy_(full)
-            conv.bias.copy_(mean[:, -1])
-        pad = nn.ZeroPad2d((gw.pad_before, gw.pad_after, gh.pad_before, gh.pad_after))
-        return nn.Sequential(pad, conv)
+            conv.bias.copy_(bias)
+        pads = []
+        for g in (gw, gh):  # input padding so that output i reads anchor(i) + [start, start + k)
+            before = g.pad_before - start
+            pads += [before, (g.n_out - 1) * g.stride + k - g.size - before]
+        return nn.Sequential(nn.ZeroPad2d(tuple(pads)), conv)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -96,11 +97,46 @@ def _linear(n_in: int, n_out: int, generator) -> nn.Linear:
 
 
 def to_hard_cnn(net: SoftConvNet) -> nn.Sequential:
-    """Replace every soft-conv layer by the ``nn.Conv2d`` of its mean kernel cropped to the window."""
+    """Replace every soft-conv layer by the ``nn.Conv2d`` of its mean kernel, pruned and cropped.
+
+    Channels without any nonzero weight or bias are dropped (when the
+    activation maps 0 to 0, so they output zeros), with the matching input
+    channels of the next soft-conv layer or columns of the next linear layer.
+    Each conv's kernel is cropped to the largest learned kernel size of its
+    kept channels (:func:`softcnn.diagnostics.kernel_sizes`), at most the
+    nominal ``kernel_size``: weights outside the nominal window are dropped
+    as before (exact when locality has zeroed them), and smaller learned
+    kernels (e.g. from ``locality_penalty='rings'``) give smaller convs.
+    Exact when, in addition, the kernels are tied (deviations zero).
+    """
+    from .diagnostics import _activation_keeps_zero, active_channels, kernel_sizes
+
     modules = []
+    keep_in = None  # kept channels of the previous soft-conv layer
+    spatial = None
     for m in net:
         if isinstance(m, SoftConv2d):
-            modules.extend(m.to_conv2d())
+            keep = active_channels(m)
+            if not _activation_keeps_zero(net, m) or not keep.any():
+                keep = np.ones_like(keep)  # constant nonzero outputs (or nothing left): keep all
+            sizes = kernel_sizes(m)[keep]
+            size = int(min(max(int(sizes.max()), 1), m.kernel_size))
+            modules.extend(m.to_conv2d(size=size, out_channels=keep, in_channels=keep_in))
+            keep_in, spatial = keep, m.output_shape
+        elif isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)) and spatial is not None:
+            modules.append(copy.deepcopy(m))
+            ks = m.kernel_size if isinstance(m.kernel_size, tuple) else (m.kernel_size,) * 2
+            spatial = (spatial[0] // ks[0], spatial[1] // ks[1])
+        elif isinstance(m, nn.Linear) and keep_in is not None:
+            lin = copy.deepcopy(m)
+            # Flatten orders features (channel, row, column)
+            cols = torch.as_tensor(np.repeat(keep_in, spatial[0] * spatial[1]), device=m.weight.device)
+            new = nn.Linear(int(cols.sum()), m.out_features, dtype=m.weight.dtype, device=m.weight.device)
+            with torch.no_grad():
+                new.weight.copy_(lin.weight[:, cols])
+                new.bias.copy_(lin.bias)
+            modules.append(new)
+            keep_in = None
         else:
             modules.append(copy.deepcopy(m))
     return nn.Sequential(*modules)

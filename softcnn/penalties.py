@@ -27,17 +27,30 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import torch
 
+from . import prox as _prox
 from .layers import SoftConv2d
 
 __all__ = [
     "Penalty",
     "TyingL2Mean",
     "TyingL2Grid",
+    "TyingL1Mean",
+    "TyingGroupMean",
+    "TyingL1Grid",
+    "TyingGroupGrid",
+    "TyingL1All",
     "LocalityL2",
+    "LocalityL1",
+    "LocalityRings",
+    "ChannelSparsity",
+    "SparsityL1",
+    "SparsityTL1",
     "Ridge",
+    "ring_groups",
     "locality_profile",
     "make_penalties",
     "preconditioner",
+    "has_nonsmooth",
     "register",
     "supported_penalties",
 ]
@@ -45,7 +58,13 @@ __all__ = [
 # strength parameter -> {option key -> penalty class}
 _REGISTRY: dict[str, dict[tuple, type[Penalty]]] = {}
 # strength parameter -> names of the parameters whose values form the key
-_KEYS: dict[str, tuple[str, ...]] = {"tying": ("tying_penalty", "tying_graph"), "locality": ("locality_penalty",)}
+_KEYS: dict[str, tuple[str, ...]] = {
+    "tying": ("tying_penalty", "tying_graph"),
+    "locality": ("locality_penalty",),
+    "sparsity": ("sparsity_penalty",),
+}
+# option values assumed when a parameter dict predates an option
+_KEY_DEFAULTS = {"sparsity_penalty": "l1"}
 
 
 def register(strength: str, *key: str) -> Callable[[type[Penalty]], type[Penalty]]:
@@ -88,6 +107,23 @@ class Penalty(ABC):
     def value(self, net) -> torch.Tensor:
         """Penalty of a network: per-layer values averaged over positions, summed over layers."""
         return sum(self.layer_value(layer) / layer.n_positions for layer in net.soft_layers)
+
+    def prox(self, layer: SoftConv2d, step: float) -> None:
+        r"""Apply the proximal operator of ``step * value`` to one layer, in place.
+
+        ``step`` is the solver's step size on the raw parameters times the
+        strength. Only non-smooth penalties implement it; smooth ones are
+        differentiated by autograd.
+        """
+        raise NotImplementedError(f"{type(self).__name__} is smooth and has no proximal operator.")
+
+    def prox_net(self, net, step: float) -> None:
+        """Apply :meth:`prox` to every soft-conv layer of ``net`` (override for other layers)."""
+        for layer in net.soft_layers:
+            self.prox(layer, step)
+
+    def finalize(self, layer: SoftConv2d) -> None:
+        """Re-express a fitted layer without changing the model or increasing the penalty (default: nothing)."""
 
     def curvature(self, layer: SoftConv2d) -> tuple[torch.Tensor | float, torch.Tensor | float]:
         """Rough diagonal curvature ``(κ_m, κ_d)`` of :meth:`value` per unit strength.
@@ -143,6 +179,186 @@ class TyingL2Grid(Penalty):
 
     def curvature(self, layer):
         return 0.0, 8.0  # largest eigenvalue of twice the grid Laplacian
+
+
+# ------------------------------------------------------------ proximal tools
+# The solvers step on the raw parameters ``deviation = d / c_d``. A gradient step
+# of size ``η`` there followed by the prox of ``η λ Ω(d) / L`` (the layer's term of
+# the objective) is, in the units of ``d``, the prox of ``t Ω`` with
+# ``t = η λ c_d² / L``. Proximal fits use one power-of-two ``c_d`` per layer
+# (:func:`preconditioner` with ``uniform=True``), so ``t`` is a scalar and
+# ``d / c_d * c_d`` is exact: a prox that sets ``d = -m`` gives ``w = 0`` exactly.
+def _dev_step(layer: SoftConv2d, step: float) -> float:
+    """Prox step in the units of ``d`` (and of ``w``) for a raw step ``step`` (η λ)."""
+    c = float(layer.deviation_scale.max())
+    return step * c * c / layer.n_positions
+
+
+def _write_deviations(layer: SoftConv2d, d_new: torch.Tensor) -> None:
+    """Store new deviations at existing offsets; absent offsets keep their (irrelevant) values."""
+    d = torch.where(layer.mask.unsqueeze(1), d_new, layer.deviations())
+    layer.deviation.copy_(d / layer.deviation_scale)
+
+
+def _write_kernels(layer: SoftConv2d, w_new: torch.Tensor) -> None:
+    """Store new effective kernels at existing offsets through ``d = w - m`` (``m`` is kept)."""
+    _write_deviations(layer, w_new - layer.shared_kernel().unsqueeze(0))
+
+
+def _raw_kernels(layer: SoftConv2d) -> torch.Tensor:
+    """``m + d_p`` without the existence mask (the values a prox on ``w`` starts from)."""
+    return layer.shared_kernel().unsqueeze(0) + layer.deviations()
+
+
+def _mask_patterns(layer: SoftConv2d):
+    """Yield ``(positions, entries)``: kernel entries sharing one pattern of existence over positions."""
+    patterns, inverse = torch.unique(layer.mask.T, dim=0, return_inverse=True)
+    for j in range(patterns.shape[0]):
+        yield patterns[j].nonzero().squeeze(1), (inverse == j).nonzero().squeeze(1)
+
+
+@torch.no_grad()
+def _recentre(layer: SoftConv2d) -> None:
+    """Set ``m`` to the (lower) median of ``w_p`` over existing positions and ``d_p = w_p - m``.
+
+    For penalties on differences between positions (``'grid'``, ``'all'``)
+    the split between ``m`` and ``d`` is free; the median makes every
+    position tied to the majority value have ``d_p = 0`` exactly, so
+    ``n_tied_positions_`` counts them.
+    """
+    w = _raw_kernels(layer)
+    mask = layer.mask.unsqueeze(1).expand_as(w)
+    med = torch.where(mask, w, torch.full_like(w, float("nan"))).nanmedian(dim=0).values
+    med = torch.nan_to_num(med, nan=0.0)
+    layer.shared.copy_(med / layer.shared_scale)
+    m = layer.shared_kernel()  # exactly what the layer will use
+    d = torch.where(mask, w - m, torch.zeros_like(w))
+    layer.deviation.copy_(d / layer.deviation_scale)
+
+
+class _NonSmooth(Penalty):
+    smooth = False
+
+
+@register("tying", "l1", "mean")
+class TyingL1Mean(_NonSmooth):
+    r"""Lasso tying to a free shared kernel: :math:`\sum_p \|w_p - m\|_1 = \sum_p \|d_p\|_1`.
+
+    Sparse deviations: most positions tie exactly to ``m``, a few deviate.
+    Prox: soft thresholding of ``d`` at existing offsets.
+    """
+
+    def layer_value(self, layer):
+        return layer.masked_deviation().abs().sum()
+
+    @torch.no_grad()
+    def prox(self, layer, step):
+        _write_deviations(layer, _prox.soft_threshold(layer.deviations(), _dev_step(layer, step)))
+
+
+@register("tying", "group", "mean")
+class TyingGroupMean(_NonSmooth):
+    r"""Group-lasso tying: :math:`\sum_p \|w_p - m\|_2`, one group per position.
+
+    A group is the whole position: every output channel's kernel vector
+    (weights and bias, existing offsets), so whole positions tie or deviate.
+    Prox: block soft thresholding of ``d_p``.
+    """
+
+    def layer_value(self, layer):
+        return torch.linalg.vector_norm(layer.masked_deviation(), dim=(1, 2)).sum()
+
+    @torch.no_grad()
+    def prox(self, layer, step):
+        d = layer.masked_deviation()
+        _write_deviations(layer, _prox.group_soft_threshold(d, _dev_step(layer, step), dim=(1, 2)))
+
+
+class _TyingTV(_NonSmooth):
+    kind = "l1"
+
+    def layer_value(self, layer):
+        diffs = _grid_differences(layer)
+        if self.kind == "l1":
+            return sum((diff * m).abs().sum() for diff, m in diffs)
+        return sum(torch.linalg.vector_norm(diff * m, dim=(2, 3)).sum() for diff, m in diffs)
+
+    @torch.no_grad()
+    def prox(self, layer, step):
+        d = layer.masked_deviation()
+        L, Fo, K = d.shape
+        mask = layer.mask.unsqueeze(1).expand(L, Fo, K).reshape(L, Fo * K)
+        new = _prox.tv_prox(
+            d.reshape(L, Fo * K), _dev_step(layer, step), layer.output_shape, kind=self.kind, mask=mask
+        )
+        _write_deviations(layer, new.reshape(L, Fo, K))
+
+    def finalize(self, layer):
+        _recentre(layer)
+
+
+@register("tying", "l1", "grid")
+class TyingL1Grid(_TyingTV):
+    r"""Fused lasso / total variation across the image: :math:`\sum_{p\sim q} \|w_p - w_q\|_1`.
+
+    Region-wise constant kernels. Prox: :func:`softcnn.prox.tv_prox` (an
+    iterative dual solver: ties are exact up to its tolerance, ~1e-10
+    relative) on ``d``, offsets compared only where they exist at both
+    positions.
+    """
+
+    kind = "l1"
+
+
+@register("tying", "group", "grid")
+class TyingGroupGrid(_TyingTV):
+    r"""Group fused lasso: :math:`\sum_{p\sim q} \|w_p - w_q\|_2`, whole kernels (all channels)."""
+
+    kind = "group"
+
+
+@register("tying", "l1", "all")
+class TyingL1All(_NonSmooth):
+    r"""Pairwise weight sharing: :math:`\sum_{p<q} |w_{p,f,k} - w_{q,f,k}| / (L - 1)` per entry.
+
+    Every pair of positions where the entry exists is compared, so weights
+    cluster into families with exact ties. Prox:
+    :func:`softcnn.prox.pairwise_l1_prox` over positions, applied to the
+    effective weights ``w = m + d`` with ``m`` kept and written back as
+    ``d = w - m`` (the penalty depends on ``w`` only, so the prox with
+    respect to ``d`` is exact); after the fit ``m`` is moved to the median
+    family (:meth:`finalize`).
+    """
+
+    def layer_value(self, layer):
+        w = layer.kernels()
+        total = w.new_zeros(())
+        for pos, cols in _mask_patterns(layer):
+            n = pos.shape[0]
+            if n < 2:
+                continue
+            xs = w[pos][:, :, cols].sort(dim=0).values
+            # Σ_{p<q} |x_p - x_q| = Σ_i (2i - n - 1) x_(i) over the sorted values
+            coef = 2 * torch.arange(1, n + 1, dtype=w.dtype, device=w.device) - n - 1
+            total = total + (coef[:, None, None] * xs).sum()
+        return total / max(layer.n_positions - 1, 1)
+
+    @torch.no_grad()
+    def prox(self, layer, step):
+        L = layer.n_positions
+        if L < 2:
+            return
+        t = _dev_step(layer, step) / (L - 1)
+        w = _raw_kernels(layer).permute(0, 2, 1).clone()  # (L, K, F)
+        for pos, cols in _mask_patterns(layer):
+            if pos.shape[0] < 2:
+                continue
+            idx = (pos[:, None], cols[None, :])
+            w[idx] = _prox.pairwise_l1_prox(w[idx], t, dim=0)
+        _write_kernels(layer, w.permute(0, 2, 1))
+
+    def finalize(self, layer):
+        _recentre(layer)
 
 
 # ------------------------------------------------------------------ locality
@@ -241,6 +457,157 @@ class LocalityL2(_ProfiledPenalty):
         return g, g
 
 
+@register("locality", "l1")
+class LocalityL1(_ProfiledPenalty):
+    r"""Weighted lasso on far weights: :math:`\sum_{p,f,c,\delta} g(\delta)\, |w_{p,f,c,\delta}|`.
+
+    Prox: weighted soft thresholding of the effective weights ``w = m + d``
+    (thresholds ``t g(δ)``, biases untouched), written back as ``d = w - m``
+    with ``m`` kept: exact zeros in ``w``.
+    """
+
+    smooth = False
+
+    def layer_value(self, layer):
+        return (layer.kernels().abs() * self.weights(layer)).sum()
+
+    @torch.no_grad()
+    def prox(self, layer, step):
+        w = _raw_kernels(layer)
+        _write_kernels(layer, _prox.soft_threshold(w, _dev_step(layer, step), self.weights(layer)))
+
+
+def ring_groups(layer: SoftConv2d) -> torch.Tensor:
+    """Nested ring groups of a layer's support, smallest first, as a boolean ``(N, Sh * Sw)``.
+
+    Group ``n`` holds the offsets outside the centred window of size
+    ``s_max - n`` (see :meth:`SoftConv2d.kernel_levels`): ``G_1`` is the
+    outermost half-ring, each next group adds the next half-ring inwards
+    (two half-rings make a full ring, so the windows of odd and even sizes
+    both occur), and the last group is the whole support.
+    """
+    levels = torch.as_tensor(layer.kernel_levels().ravel(), device=layer.mask.device)
+    sizes = sorted(set(levels.tolist()), reverse=True)  # s_max first
+    rows = [levels >= s for s in sizes]  # outside the window of size s - 1
+    return torch.stack(rows) if rows else torch.zeros((0, levels.numel()), dtype=torch.bool)
+
+
+@register("locality", "rings")
+class LocalityRings(_ProfiledPenalty):
+    r"""Nested-ring group lasso: :math:`\sum_{p,f} \sum_n \|w_{p,f}(G_n)\|_2`.
+
+    Groups (:func:`ring_groups`) span all input channels of a unit's kernel
+    and are nested, ``G_1 ⊂ … ⊂ G_N``, with ``G_1`` the outermost half-ring,
+    so outer rings vanish first and each kernel picks its own size. The
+    locality profile is not used. Prox: :func:`softcnn.prox.nested_group_prox`
+    (from the smallest group to the largest) on ``w = m + d``, written back
+    as ``d = w - m``.
+    """
+
+    smooth = False
+
+    def _groups(self, layer):
+        g = ring_groups(layer)
+        return g.repeat(1, layer.in_channels)  # (N, C * Sh * Sw): channel-major like the kernel
+
+    def layer_value(self, layer):
+        w = layer.kernels()[..., :-1]
+        total = w.new_zeros(())
+        for row in self._groups(layer):
+            total = total + torch.linalg.vector_norm(w[..., row], dim=-1).sum()
+        return total
+
+    @torch.no_grad()
+    def prox(self, layer, step):
+        w = _raw_kernels(layer) * layer.mask.unsqueeze(1)  # absent offsets carry no weight
+        new = w.clone()
+        new[..., :-1] = _prox.nested_group_prox(w[..., :-1], _dev_step(layer, step), self._groups(layer), dim=-1)
+        _write_kernels(layer, new)
+
+
+# ------------------------------------------------------------ sparsity
+@register("channel_sparsity")
+class ChannelSparsity(_NonSmooth):
+    r"""Group lasso per output channel: :math:`\sum_f \|(w_{p,f})_{p}\|_2` over all positions.
+
+    A group is every weight and the bias of channel ``f`` at every position
+    (existing offsets), so a pruned channel outputs ``act(0)`` everywhere
+    and can be dropped from the network. Prox: block soft thresholding on
+    ``w = m + d``, written back as ``d = w - m``.
+    """
+
+    def layer_value(self, layer):
+        return torch.linalg.vector_norm(layer.kernels(), dim=(0, 2)).sum()
+
+    @torch.no_grad()
+    def prox(self, layer, step):
+        w = _raw_kernels(layer) * layer.mask.unsqueeze(1)
+        _write_kernels(layer, _prox.group_soft_threshold(w, _dev_step(layer, step), dim=(0, 2)))
+
+
+class _Elementwise(_NonSmooth):
+    """A separable penalty ``Σ ρ(w)`` on every weight: soft-conv weights (biases excluded,
+    averaged over positions) and the weights of the dense and read-out layers."""
+
+    def rho(self, w: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def elementwise_prox(self, w: torch.Tensor, t: float) -> torch.Tensor:
+        raise NotImplementedError
+
+    def layer_value(self, layer):
+        return self.rho(layer.kernels()[..., :-1]).sum()
+
+    def value(self, net):
+        return super().value(net) + sum(self.rho(lin.weight).sum() for lin in net.linear_layers)
+
+    @torch.no_grad()
+    def prox(self, layer, step):
+        w = _raw_kernels(layer)
+        new = w.clone()
+        new[..., :-1] = self.elementwise_prox(w[..., :-1], _dev_step(layer, step))
+        _write_kernels(layer, new)
+
+    @torch.no_grad()
+    def prox_net(self, net, step):
+        super().prox_net(net, step)
+        for lin in net.linear_layers:  # not averaged over positions: the raw step
+            lin.weight.copy_(self.elementwise_prox(lin.weight, step))
+
+
+@register("sparsity", "l1")
+class SparsityL1(_Elementwise):
+    r"""Lasso on all weights, :math:`\sum |w|`; prox: soft thresholding."""
+
+    def rho(self, w):
+        return w.abs()
+
+    def elementwise_prox(self, w, t):
+        return _prox.soft_threshold(w, t)
+
+
+@register("sparsity", "tl1")
+class SparsityTL1(_Elementwise):
+    r"""Transformed L1 on all weights, :math:`\sum \rho_a(w)`, :math:`\rho_a(w) = (a+1)|w|/(a+|w|)`.
+
+    Nonconvex, between l0 (small ``a``) and l1 (large ``a``); prox in closed
+    form (:func:`softcnn.prox.tl1_prox`). ``a`` is the estimator's ``tl1_a``.
+    """
+
+    def __init__(self, a: float = 1.0):
+        self.a = a
+
+    @classmethod
+    def from_params(cls, params):
+        return cls(params.get("tl1_a", 1.0))
+
+    def rho(self, w):
+        return (self.a + 1) * w.abs() / (self.a + w.abs())
+
+    def elementwise_prox(self, w, t):
+        return _prox.tl1_prox(w, t, self.a)
+
+
 # --------------------------------------------------------------------- ridge
 @register("alpha")
 class Ridge(Penalty):
@@ -258,12 +625,20 @@ class Ridge(Penalty):
 
 
 # --------------------------------------------------------------------- build
-def preconditioner(layer: SoftConv2d, penalties) -> tuple[torch.Tensor, torch.Tensor]:
+def preconditioner(
+    layer: SoftConv2d, penalties, *, uniform: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-entry scales ``(c_m, c_d)`` of shape ``(K,)`` for :meth:`SoftConv2d.set_scales`.
 
     The loss is taken to curve each entry of ``m`` about 1 and of each
     ``d_p`` about ``1/L``; each penalty adds ``strength * κ_m`` and
     ``strength * κ_d / L`` (see :meth:`Penalty.curvature`).
+
+    With ``uniform=True`` (proximal solvers) each scale is one number per
+    layer, from the stiffest entry, rounded to a power of two: proximal
+    operators then act in the units of ``m`` and ``d`` with a scalar step,
+    and converting between raw and effective values is exact in floating
+    point (so zeros and ties set by a prox stay exact).
     """
     L = layer.n_positions
     h_m = torch.ones_like(layer.shared_scale)
@@ -272,7 +647,16 @@ def preconditioner(layer: SoftConv2d, penalties) -> tuple[torch.Tensor, torch.Te
         cm, cd = pen.curvature(layer)
         h_m = h_m + strength * cm
         h_d = h_d + strength * cd
-    return h_m.rsqrt(), (L / h_d).sqrt()
+    c_m, c_d = h_m.rsqrt(), (L / h_d).sqrt()
+    if uniform:
+        c_m = torch.full_like(c_m, 2.0 ** round(float(torch.log2(c_m.min()))))
+        c_d = torch.full_like(c_d, 2.0 ** round(float(torch.log2(c_d.min()))))
+    return c_m, c_d
+
+
+def has_nonsmooth(penalties) -> bool:
+    """Whether any active penalty needs a proximal solver."""
+    return any(not pen.smooth for _, pen in penalties)
 
 
 def make_penalties(params: Mapping) -> list[tuple[float, Penalty]]:
@@ -289,7 +673,7 @@ def make_penalties(params: Mapping) -> list[tuple[float, Penalty]]:
         value = params.get(strength, 0.0)
         if not isinstance(value, numbers.Real) or isinstance(value, bool) or not np.isfinite(value) or value < 0:
             raise ValueError(f"{strength} must be a finite number >= 0, got {value!r}.")
-        key = tuple(params[name] for name in _KEYS.get(strength, ()))
+        key = tuple(params.get(name, _KEY_DEFAULTS.get(name)) for name in _KEYS.get(strength, ()))
         if key not in table:
             names = _KEYS[strength]
             raise ValueError(

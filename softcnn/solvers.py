@@ -1,4 +1,4 @@
-"""Solvers: full-batch L-BFGS and mini-batch Adam/SGD on an :class:`Objective`.
+"""Solvers: full-batch L-BFGS and FISTA, and mini-batch (proximal) Adam/SGD on an :class:`Objective`.
 
 Every solver trains the parameters in place and returns a
 :class:`SolverResult`. A step whose objective is not finite ends the fit and
@@ -17,7 +17,11 @@ import scipy.optimize
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["Objective", "SolverResult", "lbfgs", "stochastic"]
+__all__ = ["Objective", "SolverResult", "lbfgs", "fista", "stochastic"]
+#: L-BFGS stops when the 2-norm of the preconditioned gradient is below this times ``tol``.
+#: Measured on digits paths: 10 keeps warm-started path points within a few percent of
+#: fully converged ones at a third of the cost; 30 and above stall along the path.
+LBFGS_GNORM_FACTOR = 10.0
 
 
 class Objective:
@@ -39,6 +43,9 @@ class Objective:
     def __init__(self, net, loss, X, y, sample_weight, penalties):
         self.net, self.loss, self.X, self.y, self.sw = net, loss, X, y, sample_weight
         self.penalties = penalties
+        # autograd handles the smooth penalties; the others enter through their prox
+        self.smooth_penalties = [(s, pen) for s, pen in penalties if pen.smooth]
+        self.nonsmooth_penalties = [(s, pen) for s, pen in penalties if not pen.smooth]
         self.sw_mean = sample_weight.mean()
         # equal weights: a plain mean, one op fewer per batch in the hot loop
         self.uniform = bool((sample_weight == sample_weight[0]).all())
@@ -56,10 +63,32 @@ class Objective:
         return (sw * losses).sum() / (sw.shape[0] * self.sw_mean)
 
     def penalty(self) -> torch.Tensor | float:
-        return sum(strength * pen.value(self.net) for strength, pen in self.penalties)
+        """The smooth penalties (what autograd differentiates)."""
+        return sum(strength * pen.value(self.net) for strength, pen in self.smooth_penalties)
+
+    def nonsmooth_value(self) -> float:
+        """The non-smooth penalties' value (no gradient)."""
+        with torch.no_grad():
+            return float(sum(strength * pen.value(self.net) for strength, pen in self.nonsmooth_penalties))
+
+    def prox(self, step: float) -> None:
+        """Apply every non-smooth penalty's prox for a raw step ``step`` (in order).
+
+        With several non-smooth penalties this composes their operators, the
+        usual approximation of the prox of their sum.
+        """
+        with torch.no_grad():
+            for strength, pen in self.nonsmooth_penalties:
+                pen.prox_net(self.net, step * strength)
 
     def __call__(self, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Data loss plus the smooth penalties."""
         return self.data_loss(idx) + self.penalty()
+
+    def total(self) -> float:
+        """The full objective ``J`` (smooth and non-smooth parts) on all the data."""
+        with torch.no_grad():
+            return float(self()) + self.nonsmooth_value()
 
 
 @dataclass
@@ -108,13 +137,17 @@ def lbfgs(objective: Objective, params: Sequence[torch.Tensor], *, max_iter: int
           verbose: int = 0) -> SolverResult:
     """Full-batch L-BFGS (scipy's L-BFGS-B) on torch gradients.
 
-    Stops when the projected gradient's largest entry is below ``tol`` or the
+    Stops when the Euclidean norm of the gradient is below
+    ``LBFGS_GNORM_FACTOR * tol``, when the
     relative decrease of the objective is below ``tol * 1e-6`` (scipy's
-    ``ftol``), or after ``max_iter`` iterations.
+    ``ftol``), or after ``max_iter`` iterations. The gradient test uses the
+    2-norm, not scipy's largest entry: the per-position deviations each pull
+    little, but together they can pull a lot, as after a warm start.
     """
     params = list(params)
     result = SolverResult()
     last_finite = {"x": _flat(params)}
+    last_eval = {"x": None, "gnorm": math.inf}
     bar = tqdm(total=max_iter, desc="L-BFGS", disable=verbose <= 0, leave=False)
 
     def fun(x):
@@ -125,7 +158,9 @@ def lbfgs(objective: Objective, params: Sequence[torch.Tensor], *, max_iter: int
         if not torch.isfinite(loss):
             return math.inf, np.zeros_like(x)
         loss.backward()
-        return loss.item(), _flat(params, grads=True)
+        grad = _flat(params, grads=True)
+        last_eval["x"], last_eval["gnorm"] = x.copy(), float(np.linalg.norm(grad))
+        return loss.item(), grad
 
     def callback(intermediate_result):
         f = float(intermediate_result.fun)
@@ -134,18 +169,146 @@ def lbfgs(objective: Objective, params: Sequence[torch.Tensor], *, max_iter: int
         bar.set_postfix(loss=f"{f:.4g}")
         if math.isfinite(f):
             last_finite["x"] = intermediate_result.x.copy()
+        at_last_eval = last_eval["x"] is not None and np.array_equal(last_eval["x"], intermediate_result.x)
+        if at_last_eval and last_eval["gnorm"] <= tol * LBFGS_GNORM_FACTOR:
+            result.converged = True
+            raise StopIteration
 
     res = scipy.optimize.minimize(
         fun, last_finite["x"], jac=True, method="L-BFGS-B", callback=callback,
-        options={"maxiter": max_iter, "maxfun": max(15000, 3 * max_iter), "gtol": tol, "ftol": tol * 1e-6},
+        options={"maxiter": max_iter, "maxfun": max(15000, 3 * max_iter), "gtol": 0.0, "ftol": tol * 1e-6},
     )
     bar.close()
     x = res.x if math.isfinite(res.fun) else last_finite["x"]
     result.diverged = not math.isfinite(res.fun)
     _assign(params, x)
     result.n_iter = max(int(res.nit), 1)
-    result.converged = res.status == 0 and not result.diverged
+    result.converged = (result.converged or res.status == 0) and not result.diverged
     result.message = str(res.message)
+    return result
+
+
+def fista(objective: Objective, params: Sequence[torch.Tensor], *, max_iter: int, tol: float,
+          verbose: int = 0) -> SolverResult:
+    r"""Full-batch proximal gradient with backtracking and FISTA momentum.
+
+    Minimises :math:`J = f + g`, ``f`` = data loss + smooth penalties
+    (autograd), ``g`` = the non-smooth penalties (their prox,
+    :meth:`Objective.prox`).
+
+    Notes
+    -----
+    From the extrapolated point ``y`` a step ``x^+ = prox_{t g}(y - t
+abla f(y))``
+    is accepted when the quadratic upper bound holds,
+    :math:`f(x^+) \le f(y) + \langle
+abla f(y), x^+ - y
+angle + \|x^+ - y\|^2 / (2t)`,
+    otherwise ``t`` is halved (Beck & Teboulle 2009); after an accepted step
+    ``t`` may grow by 25% (the net is nonconvex: curvature changes along the
+    path). Momentum :math:`y = x^+ + rac{	heta_k - 1}{	heta_{k+1}}(x^+ - x)`
+    is restarted whenever ``J`` would increase, and a step that increases
+    ``J`` from a non-extrapolated point is rejected with a smaller ``t``, so
+    the recorded ``J`` never increases (monotone FISTA). Stops when the
+    largest entry of the gradient mapping :math:`(y - x^+)/t` is below
+    ``tol``, when ``J`` stops decreasing (relative change below
+    ``tol * 1e-6`` with no momentum), or after ``max_iter`` iterations.
+    """
+    params = list(params)
+    result = SolverResult()
+    bar = tqdm(total=max_iter, desc="FISTA", disable=verbose <= 0, leave=False)
+
+    def set_params(values):
+        with torch.no_grad():
+            for p, v in zip(params, values):
+                p.copy_(v)
+
+    def snapshot():
+        return [p.detach().clone() for p in params]
+
+    def smooth_value():
+        with torch.no_grad():
+            return float(objective())
+
+    def smooth_grad():
+        for p in params:
+            p.grad = None
+        loss = objective()
+        if not torch.isfinite(loss):
+            return math.inf, None
+        loss.backward()
+        return loss.item(), [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+
+    x = snapshot()
+    F_x = objective.total()
+    if not math.isfinite(F_x):
+        result.diverged, result.message = True, "objective not finite at the start"
+        bar.close()
+        return result
+    y, theta, step = x, 1.0, 1.0
+    momentum = False
+    for it in range(max_iter):
+        set_params(y)
+        f_y, grad = smooth_grad()
+        if grad is None:  # an extrapolated point may leave the finite region: restart from x
+            if momentum:
+                y, theta, momentum = x, 1.0, False
+                continue
+            result.diverged, result.message = True, f"objective not finite at iteration {it + 1}"
+            break
+        accepted = False
+        for _ in range(60):
+            with torch.no_grad():
+                set_params([v - step * g for v, g in zip(y, grad)])
+                objective.prox(step)
+            x_new = snapshot()
+            f_new = smooth_value()
+            diff = [a - b for a, b in zip(x_new, y)]
+            inner = float(sum((g * dv).sum() for g, dv in zip(grad, diff)))
+            sq = float(sum(dv.pow(2).sum() for dv in diff))
+            if math.isfinite(f_new) and f_new <= f_y + inner + sq / (2 * step) + 1e-12 * abs(f_y):
+                accepted = True
+                break
+            step *= 0.5
+        if not accepted:
+            result.diverged = not math.isfinite(f_new)
+            result.message = "no step size decreased the objective"
+            break
+        F_new = f_new + objective.nonsmooth_value()
+        if not F_new <= F_x:
+            if momentum:  # restart: redo the step from x without extrapolation
+                y, theta, momentum = x, 1.0, False
+                continue
+            step *= 0.5  # the composed prox overshot: retry with a smaller step
+            if step < 1e-20:
+                result.message = "step size underflow"
+                break
+            continue
+        gmap = max(float(dv.abs().max()) for dv in diff if dv.numel()) / step
+        decrease = F_x - F_new
+        theta_new = (1 + math.sqrt(1 + 4 * theta * theta)) / 2
+        beta = (theta - 1) / theta_new
+        y = [a + beta * (a - b) for a, b in zip(x_new, x)] if beta > 0 else x_new
+        momentum = beta > 0
+        x, F_x, theta = x_new, F_new, theta_new
+        result.loss_curve.append(F_x)
+        result.n_iter = it + 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{F_x:.4g}")
+        step *= 1.25
+        if gmap <= tol:
+            result.converged, result.message = True, "gradient mapping below tol"
+            break
+        if decrease <= tol * 1e-6 * max(abs(F_x), 1.0) and not momentum:
+            result.converged, result.message = True, "relative decrease below tol * 1e-6"
+            break
+    bar.close()
+    set_params(x)  # the last accepted (finite) iterate
+    for p in params:
+        p.grad = None
+    result.n_iter = max(result.n_iter, 1)
+    if not result.message:
+        result.message = "max_iter reached"
     return result
 
 
@@ -166,6 +329,12 @@ def stochastic(
 ) -> SolverResult:
     """Mini-batch Adam or SGD (Nesterov momentum 0.9), epochs of shuffled batches.
 
+    With non-smooth penalties each optimizer step (on the data loss and the
+    smooth penalties) is followed by their prox with the step size
+    ``learning_rate`` (proximal Adam / SGD). Adam's per-entry scaling is
+    not folded into the prox, so the thresholds are ``learning_rate x
+    strength`` whatever the gradient's size (the usual simplification).
+
     Stopping follows ``MLPClassifier``: the fit stops when for
     ``n_iter_no_change`` consecutive epochs the training objective does not
     improve by at least ``tol`` or, with ``validation_score``, the validation
@@ -181,6 +350,7 @@ def stochastic(
         opt.load_state_dict(optimizer_state)
     n = objective.n_samples
     device = objective.X.device
+    prox = bool(getattr(objective, "nonsmooth_penalties", ()))
     result = SolverResult()
     best, best_state, no_improve = math.inf, None, 0
     epochs = tqdm(range(max_iter), desc=solver, disable=verbose <= 0, leave=False)
@@ -198,6 +368,8 @@ def stochastic(
                 break
             loss.backward()
             opt.step()
+            if prox:
+                objective.prox(learning_rate)
             total += value * idx.shape[0]
         epoch_loss = total / n
         if not math.isfinite(epoch_loss) or not all(torch.isfinite(p).all() for p in params):
@@ -207,6 +379,8 @@ def stochastic(
             result.diverged = True
             result.message = f"objective not finite in epoch {epoch + 1}"
             break
+        if prox:  # the mean batch loss covers the smooth part only
+            epoch_loss += objective.nonsmooth_value()
         result.loss_curve.append(epoch_loss)
         result.n_iter = epoch + 1
         if validation_score is not None:

@@ -1,0 +1,296 @@
+"""Cross-validated soft convolution: choose tying (and locality) like ``LassoCV``."""
+
+from __future__ import annotations
+
+import inspect
+import numbers
+import time
+
+import numpy as np
+from joblib import Parallel, delayed
+from sklearn.base import clone, is_classifier
+from sklearn.model_selection import check_cv
+from sklearn.utils.metaestimators import available_if
+from sklearn.utils.validation import _check_sample_weight, check_scalar, indexable
+
+from .estimators import BaseSoftConv, SoftConvClassifier, SoftConvRegressor, _atomic_fit
+from .path import penalty_grid, soft_conv_path
+
+__all__ = ["SoftConvClassifierCV", "SoftConvRegressorCV", "select_strengths"]
+
+_CV_PARAMS = {
+    "tyings": 10,
+    "localities": None,
+    "cv": 5,
+    "scoring": None,
+    "selection": "min",
+    "eps": 1e-3,
+    "n_jobs": None,
+    "refit": True,
+}
+
+
+def select_strengths(scores: np.ndarray, tyings: np.ndarray, localities: np.ndarray,
+                     selection: str = "min") -> tuple[int, int]:
+    """Index ``(i_locality, i_tying)`` chosen from fold scores of shape (n_localities, n_tyings, n_folds).
+
+    ``'min'``: the best mean score (the minimum CV error). ``'1se'`` (glmnet's
+    rule): among the points whose mean score is within one standard error of
+    the best, the one with the strongest tying, then the strongest locality.
+    So ``'1se'`` never picks weaker tying than ``'min'``.
+    """
+    mean = scores.mean(axis=2)
+    best = np.unravel_index(np.nanargmax(mean), mean.shape)
+    if selection == "min":
+        return tuple(int(i) for i in best)
+    n_folds = scores.shape[2]
+    se = scores[best].std(ddof=1) / np.sqrt(n_folds) if n_folds > 1 else 0.0
+    ok = mean >= mean[best] - se
+    candidates = np.argwhere(ok)
+    key = [(tyings[j], localities[i]) for i, j in candidates]
+    i, j = candidates[max(range(len(key)), key=key.__getitem__)]
+    return int(i), int(j)
+
+
+def _fold_path(estimator, X, y, sample_weight, train, test, tyings, localities, scoring):
+    sw_train = None if sample_weight is None else sample_weight[train]
+    sw_test = None if sample_weight is None else sample_weight[test]
+    take = (lambda A, idx: A.iloc[idx]) if hasattr(X, "iloc") else (lambda A, idx: A[idx])
+    path = soft_conv_path(
+        estimator, take(X, train), y[train], param=("tying", "locality"), values=(tyings, localities),
+        sample_weight=sw_train, X_val=take(X, test), y_val=y[test], sample_weight_val=sw_test,
+        scoring=scoring,
+    )
+    return path.validation_score.reshape(path.grid_shape), path.fit_time.sum()
+
+
+class _BaseSoftConvCV:
+    """Grid of tying x locality fitted along warm-started paths per fold, then refit."""
+
+    def _base_estimator(self) -> BaseSoftConv:
+        return self._base_class(**{k: v for k, v in self.get_params(deep=False).items() if k not in _CV_PARAMS})
+
+    def _strengths(self, base, X, y, sample_weight):
+        out = []
+        for name, spec in (("tying", self.tyings), ("locality", self.localities)):
+            if spec is None:
+                out.append(np.array([float(getattr(base, name))]))
+            elif isinstance(spec, numbers.Integral) and not isinstance(spec, bool):
+                check_scalar(spec, f"{name}s", numbers.Integral, min_val=1)
+                out.append(penalty_grid(base, X, y, name, n_values=int(spec), eps=self.eps,
+                                        sample_weight=sample_weight))
+            else:
+                values = np.asarray(spec, dtype=float).ravel()
+                if values.size == 0 or not np.all(np.isfinite(values)) or np.any(values < 0):
+                    raise ValueError(f"{name}s must be an int or a non-empty array of finite numbers >= 0.")
+                out.append(np.sort(values)[::-1])
+        return out
+
+    @_atomic_fit
+    def fit(self, X, y, sample_weight=None):
+        """Cross-validate the grid, select the strengths, refit on all data.
+
+        Parameters
+        ----------
+        X, y, sample_weight
+            As for the base estimator's ``fit``.
+
+        Returns
+        -------
+        self : object
+        """
+        if self.selection not in ("min", "1se"):
+            raise ValueError(f"selection must be 'min' or '1se'; got {self.selection!r}.")
+        base = self._base_estimator()
+        # The base estimator validates X and y (and fails clearly) before any fold is fitted.
+        template = clone(base).set_params(max_iter=1)
+        _quiet_fit(template, X, y, sample_weight)
+        X, y = indexable(X, y)
+        y = np.asarray(y)
+        if sample_weight is not None:
+            sample_weight = _check_sample_weight(sample_weight, np.empty((len(y), 1)))
+        tyings, localities = self._strengths(base, X, y, sample_weight)
+        cv = check_cv(self.cv, y, classifier=is_classifier(base))
+        folds = list(cv.split(X, y))
+        start = time.perf_counter()
+        results = Parallel(n_jobs=self.n_jobs)(
+            delayed(_fold_path)(base, X, y, sample_weight, train, test, tyings, localities, self.scoring)
+            for train, test in folds
+        )
+        cv_time = time.perf_counter() - start
+        scores = np.stack([r[0] for r in results], axis=2)  # (n_localities, n_tyings, n_folds)
+        index_min = select_strengths(scores, tyings, localities, "min")
+        index_1se = select_strengths(scores, tyings, localities, "1se")
+        chosen = index_min if self.selection == "min" else index_1se
+
+        if self.refit:
+            best = clone(base).set_params(tying=tyings[chosen[1]], locality=localities[chosen[0]])
+            _quiet_fit(best, X, y, sample_weight, warn=True)
+            for k, v in vars(best).items():
+                if k.endswith("_") or k == "_optimizer_state":
+                    setattr(self, k, v)
+        else:
+            self.n_features_in_ = template.n_features_in_
+            if hasattr(template, "feature_names_in_"):
+                self.feature_names_in_ = template.feature_names_in_
+        self.tyings_, self.localities_ = tyings, localities
+        self.scores_path_ = scores
+        self.index_min_, self.index_1se_ = index_min, index_1se
+        self.tying_, self.locality_ = float(tyings[chosen[1]]), float(localities[chosen[0]])
+        self.best_score_ = float(scores[chosen].mean())
+        self.cv_results_ = _cv_results(scores, tyings, localities)
+        self.cv_time_ = cv_time
+        return self
+
+    @available_if(lambda self: False)
+    def partial_fit(self, X, y, **kwargs):
+        """Not available: a CV estimator refits a grid, it does not learn incrementally."""
+
+
+def _quiet_fit(est, X, y, sample_weight, warn=False):
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+
+    with warnings.catch_warnings():
+        if not warn:
+            warnings.simplefilter("ignore", ConvergenceWarning)
+        est.fit(X, y, sample_weight=sample_weight)
+
+
+def _cv_results(scores, tyings, localities) -> dict:
+    """A ``GridSearchCV``-style ``cv_results_`` (one row per tying x locality)."""
+    n_loc, n_ty, n_folds = scores.shape
+    flat = scores.reshape(n_loc * n_ty, n_folds)
+    mean, std = flat.mean(1), flat.std(1)
+    order = np.argsort(-mean, kind="stable")
+    rank = np.empty(len(mean), dtype=np.int32)
+    rank[order] = np.arange(1, len(mean) + 1)
+    params = [{"tying": float(t), "locality": float(l)} for l in localities for t in tyings]
+    out = {
+        "param_tying": np.array([p["tying"] for p in params]),
+        "param_locality": np.array([p["locality"] for p in params]),
+        "params": params,
+        "mean_test_score": mean,
+        "std_test_score": std,
+        "rank_test_score": rank,
+    }
+    for k in range(n_folds):
+        out[f"split{k}_test_score"] = flat[:, k]
+    return out
+
+
+def _make_init(base: type):
+    """An ``__init__`` whose signature is the CV parameters plus every base parameter.
+
+    scikit-learn reads parameters from the signature; generating it keeps the
+    base estimator's parameters in one place.
+    """
+    base_sig = inspect.signature(base.__init__)
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    params += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v) for k, v in _CV_PARAMS.items()]
+    params += [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for n, p in base_sig.parameters.items() if n != "self"]
+    signature = inspect.Signature(params)
+
+    def __init__(self, **kwargs):
+        bound = signature.bind(self, **kwargs)
+        bound.apply_defaults()
+        for name, value in list(bound.arguments.items())[1:]:
+            setattr(self, name, value)
+
+    __init__.__signature__ = signature
+    return __init__
+
+
+_CV_DOC = """
+    Parameters
+    ----------
+    tyings : int or array-like, default=10
+        Tying strengths: an int builds a geometric grid of that many values
+        from the data-driven maximum (:func:`softcnn.limits.tying_max`, exact
+        for lasso-type tying) down to ``eps`` times it.
+    localities : None, int or array-like, default=None
+        Locality strengths likewise; None keeps the single value ``locality``.
+    cv : int, cross-validation generator or iterable, default=5
+        As :func:`sklearn.model_selection.check_cv` (stratified for classifiers).
+    scoring : str or callable, default=None
+        Validation score (higher is better); the estimator's ``score`` when None.
+    selection : {'min', '1se'}, default='min'
+        ``'min'``: the best mean score. ``'1se'``: glmnet's rule, the strongest
+        tying within one standard error of the best.
+    eps : float, default=1e-3
+        Smallest to largest strength of generated grids.
+    n_jobs : int, default=None
+        Folds fitted in parallel with joblib (any joblib backend, e.g. Dask).
+    refit : bool, default=True
+        Refit on all data with the chosen strengths; the object then predicts.
+    **base parameters
+        Every parameter of the base estimator (``channels``, ``kernel_size``,
+        ``tying_penalty``, ``solver``, ...); ``tying``/``locality`` serve only
+        when the matching grid is None.
+
+    Attributes
+    ----------
+    tying_, locality_ : float
+        Chosen strengths.
+    tyings_, localities_ : ndarray
+        The grids, strong to weak.
+    scores_path_ : ndarray of shape (n_localities, n_tyings, n_folds)
+        Validation score of every grid point on every fold.
+    index_min_, index_1se_ : tuple of int
+        ``(i_locality, i_tying)`` of the 'min' and '1se' choices.
+    best_score_ : float
+        Mean CV score at the chosen point.
+    cv_results_ : dict
+        ``GridSearchCV``-style results (``params``, ``mean_test_score``,
+        ``std_test_score``, ``rank_test_score``, ``split{k}_test_score``).
+    cv_time_ : float
+        Seconds spent fitting the fold paths.
+
+    Plus, after the refit, every fitted attribute of the base estimator.
+
+    Notes
+    -----
+    Each fold fits one warm-started path per locality, tyings from strong to
+    weak (:func:`softcnn.soft_conv_path`), so the whole grid costs a few cold
+    fits per fold. Validation scores use the validation fold's sample weights.
+"""
+
+
+class SoftConvClassifierCV(_BaseSoftConvCV, SoftConvClassifier):
+    __doc__ = (
+        """:class:`SoftConvClassifier` with tying (and locality) chosen by cross-validation.
+"""
+        + _CV_DOC
+        + """
+    See Also
+    --------
+    SoftConvClassifier, softcnn.soft_conv_path, sklearn.linear_model.LogisticRegressionCV
+
+    Examples
+    --------
+    >>> from sklearn.datasets import load_digits
+    >>> from softcnn import SoftConvClassifierCV
+    >>> X, y = load_digits(return_X_y=True)
+    >>> clf = SoftConvClassifierCV(channels=2, tyings=[1.0, 1e-3], cv=3, random_state=0)
+    >>> clf.fit(X[:150] / 16, y[:150]).tying_ in (1.0, 1e-3)
+    True
+    """
+    )
+    _base_class = SoftConvClassifier
+    __init__ = _make_init(SoftConvClassifier)
+
+
+class SoftConvRegressorCV(_BaseSoftConvCV, SoftConvRegressor):
+    __doc__ = (
+        """:class:`SoftConvRegressor` with tying (and locality) chosen by cross-validation.
+"""
+        + _CV_DOC
+        + """
+    See Also
+    --------
+    SoftConvRegressor, softcnn.soft_conv_path, sklearn.linear_model.RidgeCV
+    """
+    )
+    _base_class = SoftConvRegressor
+    __init__ = _make_init(SoftConvRegressor)

@@ -1,0 +1,270 @@
+"""Regularization paths: warm-started fits along penalty strengths, from strong to weak."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+from sklearn.base import clone, is_classifier
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.metrics import check_scoring
+from sklearn.model_selection import train_test_split
+from sklearn.utils import check_random_state
+from tqdm.auto import tqdm
+
+__all__ = ["SoftConvPath", "soft_conv_path", "penalty_grid"]
+
+_DIAGNOSTICS = ("tying_deviation_", "locality_ratio_", "n_params_", "flops_", "n_iter_")
+
+
+@dataclass
+class SoftConvPath:
+    """What :func:`soft_conv_path` returns; every per-point array has one entry per fit.
+
+    Attributes
+    ----------
+    param : str or tuple of str
+        The strength(s) varied: ``'tying'``, or ``('tying', 'locality')`` for a grid.
+    values : ndarray of shape (n_points,) or (n_points, 2)
+        Strengths in the order fitted (strong to weak; for a grid, localities
+        in the outer loop and tyings in the inner one).
+    grid_shape : tuple or None
+        ``(n_localities, n_tyings)`` for a grid: ``a.reshape(grid_shape)`` turns a
+        per-point array into a table.
+    train_loss : ndarray
+        Final training objective (data loss plus penalties) of each fit.
+    train_score, validation_score : ndarray or None
+        Score (``scoring``) on the training data and on the validation data.
+    tying_deviation, locality_ratio : ndarray
+        The fitted diagnostics of the same names.
+    n_params, flops : ndarray or None
+        Effective size, when the estimator reports ``n_params_`` / ``flops_``.
+    n_iter, fit_time : ndarray
+    weights : list of dict or None
+        With ``return_weights=True``: each fit's ``state_dict`` (CPU tensors).
+    """
+
+    param: str | tuple
+    values: np.ndarray
+    grid_shape: tuple | None = None
+    train_loss: np.ndarray = None
+    train_score: np.ndarray | None = None
+    validation_score: np.ndarray | None = None
+    tying_deviation: np.ndarray = None
+    locality_ratio: np.ndarray = None
+    n_params: np.ndarray | None = None
+    flops: np.ndarray | None = None
+    n_iter: np.ndarray = None
+    fit_time: np.ndarray = None
+    weights: list | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+
+def penalty_grid(estimator, X, y, param: str = "tying", *, n_values: int = 20, eps: float = 1e-3,
+                 sample_weight=None) -> np.ndarray:
+    """A geometric grid of ``n_values`` strengths from a data-driven maximum down to ``eps`` times it.
+
+    The maximum is :func:`softcnn.limits.tying_max` / :func:`softcnn.limits.locality_max`:
+    exact for the lasso-type penalties (every deviation, or every far weight,
+    is zero there), a documented scale for ridge-type ones.
+    """
+    from . import limits
+
+    if n_values < 1:
+        raise ValueError(f"n_values must be >= 1, got {n_values}.")
+    if not 0 < eps < 1:
+        raise ValueError(f"eps must be in (0, 1), got {eps}.")
+    maxima = {"tying": limits.tying_max, "locality": limits.locality_max}
+    if param not in maxima:
+        raise ValueError(
+            f"No data-driven maximum for param={param!r}; pass values=... explicitly "
+            f"(data-driven grids exist for {sorted(maxima)})."
+        )
+    top = float(maxima[param](estimator, X, y, sample_weight=sample_weight))
+    if not np.isfinite(top) or top <= 0:
+        raise ValueError(f"The data-driven maximum of {param} is {top}; pass values=... explicitly.")
+    return np.geomspace(top, top * eps, n_values)
+
+
+def _as_strengths(values, name: str) -> np.ndarray:
+    values = np.sort(np.asarray(values, dtype=float).ravel())[::-1]  # strong to weak
+    if values.size == 0 or not np.all(np.isfinite(values)) or np.any(values < 0):
+        raise ValueError(f"{name} values must be a non-empty array of finite numbers >= 0.")
+    return values
+
+
+def soft_conv_path(
+    estimator,
+    X,
+    y,
+    *,
+    param="tying",
+    values=None,
+    n_values: int = 20,
+    eps: float = 1e-3,
+    sample_weight=None,
+    X_val=None,
+    y_val=None,
+    sample_weight_val=None,
+    validation_fraction: float | None = None,
+    scoring=None,
+    return_weights: bool = False,
+    verbose: int = 0,
+) -> SoftConvPath:
+    """Fit an estimator along a warm-started path of penalty strengths.
+
+    Like :func:`sklearn.linear_model.lasso_path`: strengths go from strong to
+    weak and each fit starts from the previous one, so the path starts at the
+    CNN limit and costs a few cold fits.
+
+    Parameters
+    ----------
+    estimator : SoftConvClassifier or SoftConvRegressor
+        Template; it is cloned, never modified.
+    X, y : array-like
+        Training data (any input form the estimator accepts).
+    param : str or tuple of str, default='tying'
+        Any penalty strength parameter of the estimator (``'tying'``,
+        ``'locality'``, ``'alpha'``, ...), or ``('tying', 'locality')`` for a
+        2-D grid.
+    values : array-like, or tuple of two for a grid, default=None
+        Strengths; ``None`` builds a geometric grid (:func:`penalty_grid`)
+        from the data-driven maximum down to ``eps`` times it (tying and
+        locality only).
+    n_values : int, default=20
+        Points per axis when ``values`` is None.
+    eps : float, default=1e-3
+        Ratio of the smallest to the largest strength of the grid.
+    sample_weight : array-like, default=None
+    X_val, y_val, sample_weight_val : array-like, default=None
+        Validation data for ``validation_score``.
+    validation_fraction : float, default=None
+        Without ``X_val``: hold out this share of X (stratified for classifiers).
+    scoring : str or callable, default=None
+        Scorer (the estimator's ``score`` when None).
+    return_weights : bool, default=False
+        Keep each fit's ``state_dict``.
+    verbose : int, default=0
+        A tqdm progress bar over path points when > 0.
+
+    Returns
+    -------
+    SoftConvPath
+
+    Examples
+    --------
+    >>> from softcnn import SoftConvRegressor, soft_conv_path
+    >>> from softcnn.datasets import make_soft_conv_data
+    >>> X, y, _ = make_soft_conv_data(100, (6, 6), random_state=0)
+    >>> path = soft_conv_path(SoftConvRegressor(channels=2, random_state=0), X, y,
+    ...                       values=[1.0, 0.1, 0.01], validation_fraction=0.25)
+    >>> path.tying_deviation.shape
+    (3,)
+    """
+    est = clone(estimator)
+    grid = isinstance(param, (tuple, list))
+    params = tuple(param) if grid else (param,)
+    known = est.get_params()
+    for name in params:
+        if name not in known:
+            raise ValueError(f"param={name!r} is not a parameter of {type(est).__name__}.")
+    if grid and len(params) != 2:
+        raise ValueError(f"A grid takes two parameters, e.g. ('tying', 'locality'); got {param!r}.")
+
+    if X_val is None and validation_fraction is not None:
+        rng = check_random_state(est.get_params().get("random_state"))
+        stratify = y if is_classifier(est) else None
+        split = train_test_split(np.arange(len(y)), test_size=validation_fraction, random_state=rng,
+                                 stratify=stratify)
+        idx_train, idx_val = split
+        X, X_val = _take(X, idx_train), _take(X, idx_val)
+        y, y_val = np.asarray(y)[idx_train], np.asarray(y)[idx_val]
+        if sample_weight is not None:
+            sample_weight, sample_weight_val = (np.asarray(sample_weight)[idx_train],
+                                                np.asarray(sample_weight)[idx_val])
+
+    if values is None:
+        axes = [penalty_grid(est, X, y, name, n_values=n_values, eps=eps, sample_weight=sample_weight)
+                for name in params]
+    else:
+        raw = values if grid else (values,)
+        if grid and len(raw) != 2:
+            raise ValueError("For a grid, values must be a pair (values of param[0], values of param[1]).")
+        axes = [_as_strengths(v, name) for v, name in zip(raw, params)]
+
+    if grid:
+        outer, inner = axes[1], axes[0]
+        points = [(t, o) for o in outer for t in inner]
+    else:
+        points = [(t,) for t in axes[0]]
+    scorer = check_scoring(est, scoring=scoring)
+    record = {k: [] for k in ("train_loss", "train_score", "validation_score", "fit_time", *_DIAGNOSTICS)}
+    weights = [] if return_weights else None
+    row_start = None  # warm start of each grid row: the strong-tying end of the previous row
+    est.set_params(warm_start=True)
+    bar = tqdm(points, desc=f"path over {'x'.join(params)}", disable=verbose <= 0, leave=False)
+    for i, point in enumerate(bar):
+        if grid and i % len(axes[0]) == 0 and row_start is not None:
+            _restore(est, row_start)
+        est.set_params(**dict(zip(params, point)))
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            est.fit(X, y, sample_weight=sample_weight)
+        record["fit_time"].append(time.perf_counter() - start)
+        if grid and i % len(axes[0]) == 0:
+            row_start = _snapshot(est)
+        record["train_loss"].append(est.loss_)
+        record["train_score"].append(_score(scorer, est, X, y, sample_weight))
+        record["validation_score"].append(
+            _score(scorer, est, X_val, y_val, sample_weight_val) if X_val is not None else np.nan
+        )
+        for name in _DIAGNOSTICS:
+            record[name].append(getattr(est, name, np.nan))
+        if return_weights:
+            weights.append({k: v.detach().cpu().clone() for k, v in est.network_.state_dict().items()})
+    bar.close()
+
+    def arr(name):
+        a = np.asarray(record[name], dtype=float)
+        return None if np.all(np.isnan(a)) else a
+
+    return SoftConvPath(
+        param=params if grid else param,
+        values=np.array(points) if grid else np.array([p[0] for p in points]),
+        grid_shape=(len(axes[1]), len(axes[0])) if grid else None,
+        train_loss=arr("train_loss"),
+        train_score=arr("train_score"),
+        validation_score=arr("validation_score"),
+        tying_deviation=arr("tying_deviation_"),
+        locality_ratio=arr("locality_ratio_"),
+        n_params=arr("n_params_"),
+        flops=arr("flops_"),
+        n_iter=np.asarray(record["n_iter_"], dtype=int),
+        fit_time=np.asarray(record["fit_time"]),
+        weights=weights,
+    )
+
+
+def _take(X, idx):
+    return X.iloc[idx] if hasattr(X, "iloc") else np.asarray(X)[idx]
+
+
+def _score(scorer, est, X, y, sample_weight):
+    if sample_weight is None:
+        return scorer(est, X, y)
+    return scorer(est, X, y, sample_weight=sample_weight)
+
+
+def _snapshot(est) -> dict:
+    """The fitted state a warm start resumes from."""
+    return {k: v for k, v in vars(est).items() if k.endswith("_") or k == "_optimizer_state"}
+
+
+def _restore(est, state: dict) -> None:
+    for k, v in state.items():
+        setattr(est, k, v)
