@@ -10,11 +10,12 @@ import numpy as np
 from joblib import Parallel, delayed
 from sklearn.base import clone, is_classifier
 from sklearn.model_selection import check_cv
+from sklearn.utils import _safe_indexing
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import _check_sample_weight, check_scalar, indexable
 
 from .estimators import BaseSoftConv, SoftConvClassifier, SoftConvRegressor, _atomic_fit
-from .path import penalty_grid, soft_conv_path
+from .path import fitted_state, penalty_grid, set_fitted_state, soft_conv_path
 
 __all__ = ["SoftConvClassifierCV", "SoftConvRegressorCV", "select_strengths"]
 
@@ -55,10 +56,10 @@ def select_strengths(scores: np.ndarray, tyings: np.ndarray, localities: np.ndar
 def _fold_path(estimator, X, y, sample_weight, train, test, tyings, localities, scoring):
     sw_train = None if sample_weight is None else sample_weight[train]
     sw_test = None if sample_weight is None else sample_weight[test]
-    take = (lambda A, idx: A.iloc[idx]) if hasattr(X, "iloc") else (lambda A, idx: A[idx])
     path = soft_conv_path(
-        estimator, take(X, train), y[train], param=("tying", "locality"), values=(tyings, localities),
-        sample_weight=sw_train, X_val=take(X, test), y_val=y[test], sample_weight_val=sw_test,
+        estimator, _safe_indexing(X, train), y[train], param=("tying", "locality"),
+        values=(tyings, localities), sample_weight=sw_train, X_val=_safe_indexing(X, test),
+        y_val=y[test], sample_weight_val=sw_test,
         scoring=scoring,
     )
     return path.validation_score.reshape(path.grid_shape), path.fit_time.sum()
@@ -126,9 +127,7 @@ class _BaseSoftConvCV:
         if self.refit:
             best = clone(base).set_params(tying=tyings[chosen[1]], locality=localities[chosen[0]])
             _quiet_fit(best, X, y, sample_weight, warn=True)
-            for k, v in vars(best).items():
-                if k.endswith("_") or k == "_optimizer_state":
-                    setattr(self, k, v)
+            set_fitted_state(self, fitted_state(best))
         else:
             self.n_features_in_ = template.n_features_in_
             if hasattr(template, "feature_names_in_"):

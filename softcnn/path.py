@@ -11,7 +11,7 @@ from sklearn.base import clone, is_classifier
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import check_scoring
 from sklearn.model_selection import train_test_split
-from sklearn.utils import check_random_state
+from sklearn.utils import _safe_indexing, check_random_state
 from tqdm.auto import tqdm
 
 __all__ = ["SoftConvPath", "soft_conv_path", "penalty_grid"]
@@ -181,7 +181,7 @@ def soft_conv_path(
         split = train_test_split(np.arange(len(y)), test_size=validation_fraction, random_state=rng,
                                  stratify=stratify)
         idx_train, idx_val = split
-        X, X_val = _take(X, idx_train), _take(X, idx_val)
+        X, X_val = _safe_indexing(X, idx_train), _safe_indexing(X, idx_val)
         y, y_val = np.asarray(y)[idx_train], np.asarray(y)[idx_val]
         if sample_weight is not None:
             sample_weight, sample_weight_val = (np.asarray(sample_weight)[idx_train],
@@ -209,7 +209,7 @@ def soft_conv_path(
     bar = tqdm(points, desc=f"path over {'x'.join(params)}", disable=verbose <= 0, leave=False)
     for i, point in enumerate(bar):
         if grid and i % len(axes[0]) == 0 and row_start is not None:
-            _restore(est, row_start)
+            set_fitted_state(est, row_start)
         est.set_params(**dict(zip(params, point)))
         start = time.perf_counter()
         with warnings.catch_warnings():
@@ -217,7 +217,7 @@ def soft_conv_path(
             est.fit(X, y, sample_weight=sample_weight)
         record["fit_time"].append(time.perf_counter() - start)
         if grid and i % len(axes[0]) == 0:
-            row_start = _snapshot(est)
+            row_start = fitted_state(est)
         record["train_loss"].append(est.loss_)
         record["train_score"].append(_score(scorer, est, X, y, sample_weight))
         record["validation_score"].append(
@@ -250,21 +250,18 @@ def soft_conv_path(
     )
 
 
-def _take(X, idx):
-    return X.iloc[idx] if hasattr(X, "iloc") else np.asarray(X)[idx]
-
-
 def _score(scorer, est, X, y, sample_weight):
     if sample_weight is None:
         return scorer(est, X, y)
     return scorer(est, X, y, sample_weight=sample_weight)
 
 
-def _snapshot(est) -> dict:
-    """The fitted state a warm start resumes from."""
-    return {k: v for k, v in vars(est).items() if k.endswith("_") or k == "_optimizer_state"}
+def fitted_state(est) -> dict:
+    """Everything a fit set on ``est`` (all attributes that are not constructor parameters)."""
+    params = est.get_params(deep=False)
+    return {k: v for k, v in vars(est).items() if k not in params}
 
 
-def _restore(est, state: dict) -> None:
+def set_fitted_state(est, state: dict) -> None:
     for k, v in state.items():
         setattr(est, k, v)

@@ -1,0 +1,304 @@
+r"""Where the regularization path starts: ``tying_max`` and ``locality_max``.
+
+Like lasso's ``alpha_max``, the smallest strength at which a non-smooth
+penalty zeroes everything it acts on follows from the gradient of the
+smooth part of the objective at the constrained solution:
+
+* ``tying_max``: fit the CNN limit (deviations frozen at 0), take
+  :math:`G_p = \partial J / \partial d_p` there; with ``'l1'``/``'group'``
+  tying every deviation is exactly zero for ``tying >= tying_max``.
+* ``locality_max``: fit the local model (weights with a positive locality
+  weight ``g(δ)`` frozen at 0), take :math:`G = \partial J / \partial w`
+  there; with ``'l1'`` locality those weights are exactly zero for
+  ``locality >= locality_max``.
+
+Both return a finite positive float for every penalty, so a path can start a
+geometric grid there; for smooth (``'l2'``) penalties, where no finite
+strength gives exact zeros, the same dual norm is returned as a data-driven
+scale (the strength at which the penalty's pull on a unit deviation is as
+strong as the data's pull at the limit).
+
+Only the penalty in question is treated exactly: the reference fit keeps the
+smooth penalties and drops the other non-smooth ones (``channel_sparsity``,
+``sparsity``, and a non-smooth locality for ``tying_max``), whose
+subgradients the conditions below ignore. With ``early_stopping`` the whole
+data set is used.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+from sklearn.base import clone
+from sklearn.exceptions import ConvergenceWarning
+
+from .penalties import locality_profile
+from .solvers import Objective
+
+__all__ = ["tying_max", "locality_max"]
+
+_TINY = 1e-12  # returned when the gradient vanishes: the limit fits the data exactly
+
+
+def _reference_fit(estimator, X, y, sample_weight, overrides, constrain):
+    """Fit a clone with ``overrides`` and gradient masks from ``constrain``; return it and J's data."""
+    est = clone(estimator)
+    params = {"channel_sparsity": 0.0, "sparsity": 0.0, "warm_start": False, "early_stopping": False,
+              "threshold": 0.0, **overrides}
+    # a tight, full-batch reference solution: the condition is only as good as its gradient
+    if est.solver in ("auto", "fista", "lbfgs"):
+        params.update(solver="auto", tol=min(float(est.tol), 1e-7), max_iter=max(int(est.max_iter), 1000))
+    est.set_params(**params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est._fit(X, y, sample_weight, incremental=False, _constrain=constrain)
+    return est
+
+
+def _gradients(est, X, y, sample_weight) -> list[torch.Tensor]:
+    """``∂J/∂d_p`` of the smooth part of ``J`` for each soft-conv layer, ``(L, F, K)``, masked."""
+    net = est.network_
+    Xi, _ = est._validate_X(X, reset=False)
+    yi, _, _ = est._encode_targets(y, reset=False)
+    sw = est._validate_sample_weight(sample_weight, Xi)
+    param = next(net.parameters())
+    dt, dev = param.dtype, param.device
+    obj = Objective(
+        net, est._loss, torch.as_tensor(Xi, dtype=dt, device=dev), est._target_tensor(yi, dt, dev),
+        torch.as_tensor(sw, dtype=dt, device=dev), [(s, p) for s, p in est.penalties_ if p.smooth],
+    )
+    for p in net.parameters():
+        p.grad = None
+    obj().backward()
+    out = []
+    for layer in net.soft_layers:
+        g = layer.deviation.grad / layer.deviation_scale  # chain rule: d = raw * c_d
+        out.append((g * layer.mask.unsqueeze(1)).detach())
+    for p in net.parameters():
+        p.grad = None
+    return out
+
+
+def _grid_flows(layer, G: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Least-norm edge flows ``u`` with ``D^T u = G`` on the position grid, per existence pattern.
+
+    Returns per direction (down, right) a tensor of flows ``(edges, F, K)``
+    (zero where the entry does not exist at both ends). For an entry, the
+    positions where it exists form a rectangle of the grid (connected), so
+    ``u = D L^+ G`` with ``L = D^T D`` the Laplacian of that rectangle.
+    """
+    Lh, Lw = layer.output_shape
+    L, Fo, K = G.shape
+    Gd = G.double().cpu()
+    mask = layer.mask.cpu()
+    phi = torch.zeros(L, Fo, K, dtype=torch.float64)
+    patterns, inverse = torch.unique(mask.T, dim=0, return_inverse=True)
+    ii, jj = np.divmod(np.arange(L), Lw)
+    for j in range(patterns.shape[0]):
+        pos = patterns[j].nonzero().squeeze(1).numpy()
+        cols = (inverse == j).nonzero().squeeze(1)
+        n = pos.size
+        if n < 2:
+            continue
+        index = {p: i for i, p in enumerate(pos)}
+        lap = np.zeros((n, n))
+        for p in pos:
+            for q in (p + Lw if ii[p] + 1 < Lh else -1, p + 1 if jj[p] + 1 < Lw else -1):
+                if q >= 0 and q in index:
+                    a, b = index[p], index[q]
+                    lap[a, a] += 1
+                    lap[b, b] += 1
+                    lap[a, b] -= 1
+                    lap[b, a] -= 1
+        rhs = Gd[pos][:, :, cols].reshape(n, -1).numpy()
+        rhs = rhs - rhs.mean(0)  # remove round-off from the optimality of m (Σ_p G_p = 0)
+        sol = np.linalg.pinv(lap, hermitian=True) @ rhs
+        phi[torch.as_tensor(pos)[:, None], :, cols[None, :]] = torch.as_tensor(
+            sol.reshape(n, Fo, -1)
+        ).permute(0, 2, 1)
+    P = phi.reshape(Lh, Lw, Fo, K)
+    M = mask.reshape(Lh, Lw, 1, K)
+    return [
+        ((P[1:] - P[:-1]) * (M[1:] & M[:-1]), None),
+        ((P[:, 1:] - P[:, :-1]) * (M[:, 1:] & M[:, :-1]), None),
+    ]
+
+
+def _all_pairs_max(layer, G: torch.Tensor) -> float:
+    r"""Exact condition for the pairwise penalty: max over entries and ``k`` of
+    :math:`L(L-1) |S_k| / (k(n-k))`, ``S_k`` the sum of the ``k`` largest gradients."""
+    L = layer.n_positions
+    best = 0.0
+    for pos_mask, cols in _patterns(layer):
+        pos = pos_mask
+        n = pos.shape[0]
+        if n < 2:
+            continue
+        g = G[pos][:, :, cols].double().reshape(n, -1)
+        g = g - g.mean(0)
+        k = torch.arange(1, n, dtype=torch.float64, device=g.device)[:, None]
+        for s in (g.sort(0, descending=True).values, g.sort(0).values):
+            S = s.cumsum(0)[:-1].abs()
+            best = max(best, float((S / (k * (n - k))).max()))
+    return L * (L - 1) * best
+
+
+def _patterns(layer):
+    patterns, inverse = torch.unique(layer.mask.T, dim=0, return_inverse=True)
+    for j in range(patterns.shape[0]):
+        yield patterns[j].nonzero().squeeze(1), (inverse == j).nonzero().squeeze(1)
+
+
+def _freeze_deviations(net):
+    hooks = []
+    for layer in net.soft_layers:
+        with torch.no_grad():
+            layer.deviation.zero_()
+        hooks.append(layer.deviation.register_hook(torch.zeros_like))
+    return hooks
+
+
+def tying_max(estimator, X, y, sample_weight=None) -> float:
+    r"""Smallest tying strength at which every deviation is exactly zero (``'l1'``/``'group'``).
+
+    Parameters
+    ----------
+    estimator : SoftConvClassifier or SoftConvRegressor
+        Unfitted or fitted; only its parameters are used (it is cloned).
+    X, y, sample_weight
+        As in ``fit``.
+
+    Returns
+    -------
+    float
+        Finite and positive.
+
+    Notes
+    -----
+    The CNN limit is fitted first (deviations frozen at 0, ``m`` free);
+    ``G_p = ∂J/∂d_p`` is the gradient of the smooth part of the objective
+    there, and ``L`` the number of positions of the layer (the penalty is
+    averaged over positions). ``d = 0`` is optimal iff ``0`` lies in
+    ``G + (λ/L) ∂Ω(0)``, which gives, maximised over layers:
+
+    * ``'mean'``, ``'l1'``: :math:`L \max_{p,f,k} |G_{p,f,k}|` (exact);
+    * ``'mean'``, ``'group'`` (a group per position):
+      :math:`L \max_p \|G_p\|_2` (exact);
+    * ``'all'``: :math:`L (L-1) \max_{f,k} \max_j |S_j| / (j (n-j))`, with
+      :math:`S_j` the sum of the ``j`` largest :math:`G_{p,f,k}` over the
+      ``n`` positions where the entry exists (exact: the complete graph's
+      cut condition);
+    * ``'grid'``: :math:`L \|u\|` for the least-norm edge flow
+      :math:`u = D\,\mathcal L^{+} G` (``D`` the grid differences,
+      :math:`\mathcal L = D^\top D`), with the ∞-norm (``'l1'``) or the
+      largest per-edge 2-norm (``'group'``). Any flow with
+      :math:`D^\top u = G` certifies ``d = 0``, so this is an **upper bound**
+      (exact on a single row or column of positions; generally within a
+      small factor).
+    * ``'l2'`` penalties (no finite limit): the ``'l1'`` value of the same
+      graph, as a scale.
+
+    The conditions hold at the reference solution; a fit at ``tying``
+    slightly above the value reaches exact zeros when it converges to the
+    same ``m`` (convex problems: one soft-conv layer, identity activation).
+    """
+    est = _reference_fit(estimator, X, y, sample_weight, {"tying": 0.0, **_drop_nonsmooth_locality(estimator)},
+                         _freeze_deviations)
+    grads = _gradients(est, X, y, sample_weight)
+    penalty, graph = estimator.tying_penalty, estimator.tying_graph
+    value = 0.0
+    for layer, G in zip(est.network_.soft_layers, grads):
+        L = layer.n_positions
+        if graph == "mean":
+            if penalty == "group":
+                v = L * float(torch.linalg.vector_norm(G, dim=(1, 2)).max())
+            else:
+                v = L * float(G.abs().max())
+        elif graph == "all":
+            v = _all_pairs_max(layer, G)
+        else:
+            flows = [u for u, _ in _grid_flows(layer, G)]
+            if penalty == "group":
+                v = L * max((float(torch.linalg.vector_norm(u, dim=(2, 3)).max()) for u in flows if u.numel()),
+                            default=0.0)
+            else:
+                v = L * max((float(u.abs().max()) for u in flows if u.numel()), default=0.0)
+        value = max(value, v)
+    return _positive(value)
+
+
+def _drop_nonsmooth_locality(estimator) -> dict:
+    return {"locality": 0.0} if estimator.locality_penalty != "l2" else {}
+
+
+def _positive(value: float) -> float:
+    return float(value) if np.isfinite(value) and value > _TINY else _TINY
+
+
+def _locality_weights(estimator, layer) -> torch.Tensor:
+    """Per kernel entry ``(K,)`` locality weights (the window profile for ``'rings'``); bias 0."""
+    profile = "window" if estimator.locality_penalty == "rings" else estimator.locality_profile
+    g = locality_profile(layer, profile, power=estimator.locality_power, loco_gamma=estimator.loco_gamma,
+                         loco_eta=estimator.loco_eta)
+    return layer.offset_map(g, 0.0)
+
+
+def locality_max(estimator, X, y, sample_weight=None) -> float:
+    r"""Smallest locality strength at which every weight with ``g(δ) > 0`` is exactly zero (``'l1'``).
+
+    Parameters
+    ----------
+    estimator : SoftConvClassifier or SoftConvRegressor
+    X, y, sample_weight
+        As in ``fit``.
+
+    Returns
+    -------
+    float
+        Finite and positive.
+
+    Notes
+    -----
+    The local model is fitted first (every weight with a positive profile
+    weight ``g`` frozen at 0 in ``m`` and ``d``; the window profile makes it
+    the ``k x k`` locally connected model), and ``G = ∂J/∂d_p`` taken there.
+
+    * ``'l1'``: :math:`L \max_{p,f,c,\delta: g(\delta)>0} |G_{p,f,c,\delta}| / g(\delta)`
+      (exact: the weighted soft-threshold condition);
+    * ``'rings'``: :math:`L \max_{p,f} \|G_{p,f}(\text{outside the window})\|_2`,
+      an upper bound for zeroing everything outside the nominal window (the
+      group of all those offsets alone certifies it);
+    * ``'l2'``: the ``'l1'`` value, as a scale.
+    """
+    weights = {}
+
+    def constrain(net):
+        hooks = []
+        for layer in net.soft_layers:
+            g = _locality_weights(estimator, layer)
+            keep = (g == 0).to(layer.shared.dtype)
+            weights[id(layer)] = g
+            with torch.no_grad():
+                layer.shared.mul_(keep)
+                layer.deviation.mul_(keep)
+            hooks.append(layer.shared.register_hook(lambda grad, k=keep: grad * k))
+            hooks.append(layer.deviation.register_hook(lambda grad, k=keep: grad * k))
+        return hooks
+
+    est = _reference_fit(estimator, X, y, sample_weight, {"locality": 0.0}, constrain)
+    grads = _gradients(est, X, y, sample_weight)
+    value = 0.0
+    for layer, G in zip(est.network_.soft_layers, grads):
+        L = layer.n_positions
+        g = _locality_weights(estimator, layer)
+        far = g > 0
+        if not far.any():
+            continue
+        if estimator.locality_penalty == "rings":
+            v = L * float(torch.linalg.vector_norm(G[..., far], dim=-1).max())
+        else:
+            v = L * float((G[..., far].abs() / g[far]).max())
+        value = max(value, v)
+    return _positive(value)
