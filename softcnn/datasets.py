@@ -84,6 +84,7 @@ _FASHION_NAMES = np.array(
 )
 
 _TEACHERS = ("cnn", "regions", "local")
+_READOUTS = ("dense", "sum")
 _TASKS = ("regression", "classification")
 
 
@@ -666,6 +667,8 @@ def make_soft_conv_data(
     task: Literal["regression", "classification"] = "regression",
     n_classes: int = 2,
     noise: float = 0.1,
+    kernel_scale: float = 1.0,
+    readout: Literal["dense", "sum"] = "dense",
     random_state=None,
 ) -> tuple[np.ndarray, np.ndarray, Bunch]:
     """Draw images and targets from a known one-layer teacher network.
@@ -675,16 +678,21 @@ def make_soft_conv_data(
     output channels and ``kernel_size x kernel_size`` kernels (correlation
     convention, as :class:`torch.nn.Conv2d`; zero padding
     ``(k - 1) // 2`` before and ``k - 1 - (k - 1) // 2`` after), followed by
-    ``tanh`` and a fixed random linear read-out over all (channel, position)
-    units. The kernel used at each output position depends on ``teacher``:
+    ``tanh`` and a fixed random linear read-out over the (channel, position)
+    units (``readout``). The kernel used at each output position depends on
+    ``teacher``:
 
     - ``"cnn"``: one kernel per channel, shared by every position;
     - ``"regions"``: columns ``< W // 2`` use one kernel per channel, the
       other columns another, drawn independently;
     - ``"local"``: every position has its own kernel (locally connected).
 
-    Kernel entries are drawn N(0, 1) / k, per-channel biases N(0, 0.1^2),
-    read-out weights N(0, 1) / sqrt(n_channels * H * W).
+    Kernel entries are drawn ``kernel_scale * N(0, 1) / k`` (so each
+    pre-activation has standard deviation about ``kernel_scale``: near 1 the
+    ``tanh`` is mildly nonlinear, from about 2 on it saturates), per-channel
+    biases N(0, 0.1^2), read-out weights N(0, 1) / sqrt(n_channels * H * W):
+    one per (channel, position) with ``readout="dense"``, one per channel,
+    shared by all positions (global sum pooling), with ``readout="sum"``.
 
     Parameters
     ----------
@@ -709,6 +717,16 @@ def make_soft_conv_data(
         Number of classes (classification only), at least 2.
     noise : float, default=0.1
         Noise-to-signal ratio, >= 0.
+    kernel_scale : float, default=1.0
+        Multiplies the teacher's kernels, > 0. Larger values make the teacher
+        more nonlinear (``tanh`` saturates), so that it is no longer close to
+        a linear map of the pixels that any student could fit equally well.
+    readout : {"dense", "sum"}, default="dense"
+        ``"dense"``: an independent read-out weight for every (channel,
+        position) unit. ``"sum"``: one weight per channel, shared by all
+        positions (global sum pooling, as in a CNN's global pooling head); the
+        target then has few parameters besides the kernels, so the cost of
+        estimating the kernels decides which student wins.
     random_state : int, RandomState instance or None, default=None
         Seed; the same seed gives identical output.
 
@@ -726,7 +744,8 @@ def make_soft_conv_data(
         explained by the mean kernel,
         ``sum_p ||w_p - w_mean||^2 / sum_p ||w_p||^2`` (exactly 0 for
         ``"cnn"``); ``bias`` (n_channels,); ``readout``
-        (n_scores, n_channels, H, W) with ``n_scores = n_classes`` for
+        (n_scores, n_channels, H, W) (constant over positions for
+        ``readout="sum"``) with ``n_scores = n_classes`` for
         classification with more than 2 classes and 1 otherwise; ``scores``
         (n_samples,) or (n_samples, n_classes): the noise-free teacher
         scores; ``noise_std``: the standard deviation of the added noise
@@ -776,6 +795,15 @@ def make_soft_conv_data(
         or noise < 0
     ):
         raise ValueError(f"noise must be a finite real number >= 0, got {noise!r}.")
+    if (
+        not isinstance(kernel_scale, numbers.Real)
+        or isinstance(kernel_scale, bool)
+        or not np.isfinite(kernel_scale)
+        or kernel_scale <= 0
+    ):
+        raise ValueError(f"kernel_scale must be a finite real number > 0, got {kernel_scale!r}.")
+    if readout not in _READOUTS:
+        raise ValueError(f"readout must be one of {_READOUTS}, got {readout!r}.")
     if teacher == "regions" and W < 2:
         raise ValueError(
             f"teacher='regions' splits the image into left/right halves and needs width "
@@ -795,15 +823,21 @@ def make_soft_conv_data(
         regions = np.arange(H * W, dtype=np.int64).reshape(H, W)
         n_regions = H * W
     region_kernels = rng.standard_normal((n_regions, n_channels, k, k)) / k
+    if kernel_scale != 1.0:
+        region_kernels = kernel_scale * region_kernels
     kernels = region_kernels[regions]  # (H, W, C, k, k)
     bias = 0.1 * rng.standard_normal(n_channels)
 
     multiclass = task == "classification" and n_classes > 2
     n_scores = n_classes if multiclass else 1
-    readout = rng.standard_normal((n_scores, n_channels, H, W)) / np.sqrt(n_channels * H * W)
+    if readout == "dense":
+        readout_w = rng.standard_normal((n_scores, n_channels, H, W)) / np.sqrt(n_channels * H * W)
+    else:
+        per_channel = rng.standard_normal((n_scores, n_channels)) / np.sqrt(n_channels * H * W)
+        readout_w = np.broadcast_to(per_channel[:, :, None, None], (n_scores, n_channels, H, W)).copy()
 
     hidden = np.tanh(_local_conv(X, kernels) + bias)  # (n, H, W, C)
-    scores = np.einsum("nhwc,ochw->no", hidden, readout)  # (n, n_scores)
+    scores = np.einsum("nhwc,ochw->no", hidden, readout_w)  # (n, n_scores)
     noise_std = noise * scores.std(axis=0)
     noisy = scores + noise_std * rng.standard_normal(scores.shape)
 
@@ -827,7 +861,7 @@ def make_soft_conv_data(
         regions=regions,
         tying_deviation=tying_deviation,
         bias=bias,
-        readout=readout,
+        readout=readout_w,
         scores=scores if multiclass else scores[:, 0],
         noise_std=noise_std if multiclass else float(noise_std[0]),
         teacher=teacher,

@@ -522,14 +522,22 @@ _PARAMS_DOC = """
     tying : float, default=0.0
         Tying strength; 0 is an unshared locally connected network, large
         values give a CNN.
-    tying_penalty : {'l2'}, default='l2'
-        How a kernel difference is charged (see :mod:`softcnn.penalties`).
-    tying_graph : {'mean', 'grid'}, default='mean'
-        Which kernels are compared: each with the shared kernel, or 4-neighbours.
+    tying_penalty : {'l2', 'l1', 'group'}, default='l2'
+        How a kernel difference is charged (see :mod:`softcnn.penalties`):
+        ridge, lasso (exact ties per entry) or group lasso (whole positions
+        tie). ``'l1'``/``'group'`` are non-smooth: proximal solvers, exact
+        ties; :func:`softcnn.limits.tying_max` gives the strength where every
+        deviation is zero.
+    tying_graph : {'mean', 'grid', 'all'}, default='mean'
+        Which kernels are compared: each with the shared kernel, 4-neighbours,
+        or every pair (``'all'``, with ``tying_penalty='l1'`` only).
     locality : float, default=0.0
         Locality strength; with the ``'window'`` profile large values zero
         the weights outside the nominal window.
-    locality_penalty : {'l2'}, default='l2'
+    locality_penalty : {'l2', 'l1', 'rings'}, default='l2'
+        ``'l1'``: profile-weighted lasso (exact zeros); ``'rings'``: group
+        lasso over nested rings of the support (outer rings vanish first,
+        each kernel picks its size; the profile is not used).
     locality_profile : {'window', 'distance', 'loco'} or ndarray, default='window'
         Per-offset weights ``g(δ)``; an array must have the support's shape
         (``support_shapes_`` after a fit).
@@ -539,9 +547,28 @@ _PARAMS_DOC = """
         Centre and corner weights of the ``'loco'`` profile.
     alpha : float, default=1e-4
         Ridge (weight decay) on all weights.
-    solver : {'auto', 'lbfgs', 'adam', 'sgd'}, default='auto'
-        ``'auto'``: L-BFGS in float64 up to 5000 samples (reliable at strong
-        tying), Adam above.
+    channel_sparsity : float, default=0.0
+        Group lasso per output channel of each soft-conv layer (all its
+        weights and biases at every position): prunes whole channels.
+    sparsity : float, default=0.0
+        Penalty on every weight (soft-conv, dense and read-out layers;
+        biases excluded), of kind ``sparsity_penalty``.
+    sparsity_penalty : {'l1', 'tl1'}, default='l1'
+        ``'l1'``: lasso; ``'tl1'``: transformed L1
+        :math:`\rho_a(w) = (a+1)|w|/(a+|w|)` (nonconvex, closer to l0).
+    tl1_a : float, default=1.0
+        The ``a > 0`` of the transformed L1 (small: near l0, large: near l1).
+    threshold : float, default=0.0
+        After the fit, deviations and weights with magnitude below it are set
+        to exactly 0 (exact ties, exact zeros); ``n_snapped_`` counts them.
+        0 snaps nothing (proximal fits already give exact zeros and ties).
+    solver : {'auto', 'lbfgs', 'fista', 'adam', 'sgd'}, default='auto'
+        ``'auto'``: up to 5000 samples, L-BFGS in float64 (reliable at strong
+        tying) or, when a non-smooth penalty is active, ``'fista'``
+        (full-batch proximal gradient with backtracking and momentum,
+        float64); above, Adam. Adam and SGD apply the non-smooth penalties'
+        prox after every step (proximal Adam/SGD). ``'lbfgs'`` refuses
+        non-smooth penalties.
     learning_rate : float, default=1e-3
         Step size of Adam and SGD.
     batch_size : int or 'auto', default='auto'
@@ -590,6 +617,20 @@ _ATTRS_DOC = """
     n_iter_ : int
     validation_scores_, best_validation_score_ : list of float, float or None
         Negative validation loss per epoch, with ``early_stopping``.
+    n_snapped_ : int
+        Entries set to 0 by ``threshold``.
+    n_tied_positions_ : list of int
+        Per soft-conv layer: positions whose kernels equal the shared kernel exactly.
+    kernel_sizes_ : list of ndarray of int, shape (F,)
+        Per layer and channel: size of the smallest centred window holding
+        every nonzero weight (0: no weight).
+    n_active_channels_ : list of int
+        Per layer: channels with a nonzero weight or bias.
+    n_params_ : int
+        Free parameters after exact ties and zeros.
+    flops_ : int
+        Multiply-adds per sample of the equivalent network
+        (:func:`softcnn.diagnostics.structure`).
     tying_deviation_ : float
         Share of kernel energy not explained by the shared kernel (0 = CNN).
     locality_ratio_ : float

@@ -205,6 +205,18 @@ def _write_kernels(layer: SoftConv2d, w_new: torch.Tensor) -> None:
     _write_deviations(layer, w_new - layer.shared_kernel().unsqueeze(0))
 
 
+def _write_tied(layer: SoftConv2d, w_new: torch.Tensor, m_new: torch.Tensor) -> None:
+    """Store new kernels with a new shared kernel: ``m = m_new``, ``d = w_new - m``.
+
+    Penalties on the effective weights move ``m`` the way they move a
+    position tied to it (``m_new`` is the prox's output at ``w_p = m``), so
+    tied positions stay exactly tied and a strong tying penalty on ``d``
+    does not undo their shrinkage.
+    """
+    layer.shared.copy_(m_new / layer.shared_scale)
+    _write_deviations(layer, w_new - layer.shared_kernel().unsqueeze(0))
+
+
 def _raw_kernels(layer: SoftConv2d) -> torch.Tensor:
     """``m + d_p`` without the existence mask (the values a prox on ``w`` starts from)."""
     return layer.shared_kernel().unsqueeze(0) + layer.deviations()
@@ -462,8 +474,9 @@ class LocalityL1(_ProfiledPenalty):
     r"""Weighted lasso on far weights: :math:`\sum_{p,f,c,\delta} g(\delta)\, |w_{p,f,c,\delta}|`.
 
     Prox: weighted soft thresholding of the effective weights ``w = m + d``
-    (thresholds ``t g(δ)``, biases untouched), written back as ``d = w - m``
-    with ``m`` kept: exact zeros in ``w``.
+    (thresholds ``t g(δ)``, biases untouched); ``m`` is thresholded the same
+    way (as a tied position) and ``d = w - m`` written back: exact zeros in
+    ``w``, and tied positions stay tied.
     """
 
     smooth = False
@@ -474,7 +487,8 @@ class LocalityL1(_ProfiledPenalty):
     @torch.no_grad()
     def prox(self, layer, step):
         w = _raw_kernels(layer)
-        _write_kernels(layer, _prox.soft_threshold(w, _dev_step(layer, step), self.weights(layer)))
+        t, g = _dev_step(layer, step), self.weights(layer)
+        _write_tied(layer, _prox.soft_threshold(w, t, g), _prox.soft_threshold(layer.shared_kernel(), t, g))
 
 
 def ring_groups(layer: SoftConv2d) -> torch.Tensor:
@@ -520,9 +534,12 @@ class LocalityRings(_ProfiledPenalty):
     @torch.no_grad()
     def prox(self, layer, step):
         w = _raw_kernels(layer) * layer.mask.unsqueeze(1)  # absent offsets carry no weight
+        t, groups = _dev_step(layer, step), self._groups(layer)
         new = w.clone()
-        new[..., :-1] = _prox.nested_group_prox(w[..., :-1], _dev_step(layer, step), self._groups(layer), dim=-1)
-        _write_kernels(layer, new)
+        new[..., :-1] = _prox.nested_group_prox(w[..., :-1], t, groups, dim=-1)
+        m = layer.shared_kernel().clone()
+        m[..., :-1] = _prox.nested_group_prox(m[..., :-1], t, groups, dim=-1)
+        _write_tied(layer, new, m)
 
 
 # ------------------------------------------------------------ sparsity
@@ -542,7 +559,14 @@ class ChannelSparsity(_NonSmooth):
     @torch.no_grad()
     def prox(self, layer, step):
         w = _raw_kernels(layer) * layer.mask.unsqueeze(1)
-        _write_kernels(layer, _prox.group_soft_threshold(w, _dev_step(layer, step), dim=(0, 2)))
+        t = _dev_step(layer, step)
+        # one shrink factor per channel, applied to m with the operator's own formula
+        norm = torch.linalg.vector_norm(w, dim=(0, 2))[:, None]
+        keep = norm > t
+        safe = torch.where(keep, norm, torch.ones_like(norm))
+        m = layer.shared_kernel()
+        m_new = torch.where(keep, m * (1 - t / safe), torch.zeros_like(m))
+        _write_tied(layer, _prox.group_soft_threshold(w, t, dim=(0, 2)), m_new)
 
 
 class _Elementwise(_NonSmooth):
@@ -564,9 +588,12 @@ class _Elementwise(_NonSmooth):
     @torch.no_grad()
     def prox(self, layer, step):
         w = _raw_kernels(layer)
+        t = _dev_step(layer, step)
         new = w.clone()
-        new[..., :-1] = self.elementwise_prox(w[..., :-1], _dev_step(layer, step))
-        _write_kernels(layer, new)
+        new[..., :-1] = self.elementwise_prox(w[..., :-1], t)
+        m = layer.shared_kernel().clone()
+        m[..., :-1] = self.elementwise_prox(m[..., :-1], t)
+        _write_tied(layer, new, m)
 
     @torch.no_grad()
     def prox_net(self, net, step):

@@ -47,7 +47,11 @@ class Objective:
         self.penalties = penalties
         # autograd handles the smooth penalties; the others enter through their prox
         self.smooth_penalties = [(s, pen) for s, pen in penalties if pen.smooth]
-        self.nonsmooth_penalties = [(s, pen) for s, pen in penalties if not pen.smooth]
+        # tying (on d) last: the operators on w = m + d may untie border positions, where
+        # absent offsets make w_p differ from m, and the tying prox then re-ties them
+        self.nonsmooth_penalties = sorted(
+            [(s, pen) for s, pen in penalties if not pen.smooth], key=lambda sp: sp[1].strength == "tying"
+        )
         self.sw_mean = sample_weight.mean()
         # equal weights: a plain mean, one op fewer per batch in the hot loop
         self.uniform = bool((sample_weight == sample_weight[0]).all())

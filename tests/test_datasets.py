@@ -389,3 +389,52 @@ def test_regression_noise_scale():
 def test_make_soft_conv_data_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         make_soft_conv_data(**kwargs)
+
+
+# ------------------------------------------------------------------ teacher options
+def test_kernel_scale_multiplies_the_kernels():
+    _, _, base = make_soft_conv_data(30, (6, 6), teacher="regions", random_state=3)
+    _, _, big = make_soft_conv_data(30, (6, 6), teacher="regions", kernel_scale=2.5, random_state=3)
+    np.testing.assert_allclose(big.kernels, 2.5 * base.kernels)
+    # scaling the kernels does not change how much they deviate from their mean
+    assert big.tying_deviation == pytest.approx(base.tying_deviation)
+
+
+def test_default_options_are_the_old_behaviour():
+    a = make_soft_conv_data(40, (5, 7), teacher="local", random_state=1)
+    b = make_soft_conv_data(40, (5, 7), teacher="local", kernel_scale=1.0, readout="dense",
+                            random_state=1)
+    for u, v in zip(a[:2], b[:2]):
+        np.testing.assert_array_equal(u, v)
+    np.testing.assert_array_equal(a[2].readout, b[2].readout)
+
+
+@pytest.mark.parametrize("task, n_classes", [("regression", 2), ("classification", 3)])
+def test_sum_readout_is_shared_over_positions(task, n_classes):
+    H, W = 5, 6
+    X, y, info = make_soft_conv_data(50, (H, W), teacher="cnn", readout="sum", task=task,
+                                     n_classes=n_classes, noise=0.0, random_state=0)
+    r = info.readout
+    assert r.shape == ((n_classes if task == "classification" and n_classes > 2 else 1), 2, H, W)
+    np.testing.assert_array_equal(r, np.broadcast_to(r[:, :, :1, :1], r.shape))
+    # the scores are the per-channel weight times the sum of the hidden units over positions
+    from softcnn.datasets import _local_conv
+
+    hidden = np.tanh(_local_conv(X, info.kernels) + info.bias)
+    expected = np.einsum("nc,oc->no", hidden.sum(axis=(1, 2)), r[:, :, 0, 0])
+    np.testing.assert_allclose(np.reshape(info.scores, expected.shape), expected)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(kernel_scale=0.0), "kernel_scale"),
+        (dict(kernel_scale=-1.0), "kernel_scale"),
+        (dict(kernel_scale=float("inf")), "kernel_scale"),
+        (dict(kernel_scale=True), "kernel_scale"),
+        (dict(readout="mean"), "readout.*'dense', 'sum'"),
+    ],
+)
+def test_teacher_option_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_soft_conv_data(**kwargs)
