@@ -5,9 +5,7 @@ to ``docs/generated`` (autosummary stubs) and ``docs/auto_examples``
 (sphinx-gallery); both are git-ignored.
 """
 
-import inspect
 import os
-import re
 import sys
 import warnings
 from pathlib import Path
@@ -65,34 +63,6 @@ numpydoc_attributes_as_param_list = True
 numpydoc_validation_checks = set()     # style validation is the linters' job, not the build's
 numpydoc_xref_param_type = False
 
-_CONTROL = {"\x0c": "\\f", "\t": "\\t", "\x08": "\\b", "\x07": "\\a", "\x0b": "\\v", "\r": "\\r"}
-_STARRED_TYPE = re.compile(r"^(\s*[\w, ]+ : .*?)(?<![\\`])\*(\w)")
-
-
-def _repair_docstring(app, what, name, obj, options, lines):
-    """Work around two docstring slips that docutils rejects (reported upstream).
-
-    * A LaTeX command such as ``\\frac`` in a non-raw string becomes a form
-      feed plus ``rac`` (``\\nabla``: a newline plus ``abla``). Such
-      docstrings are rebuilt from ``obj.__doc__`` with the backslashes put
-      back.
-    * A ``*rest`` in a numpydoc parameter type opens an emphasis; escape it.
-    """
-    doc = getattr(obj, "__doc__", None) or ""
-    if any(c in doc for c in _CONTROL):
-        for bad, good in _CONTROL.items():
-            doc = doc.replace(bad, good)
-        for broken, fixed in (("\nabla", "\\nabla"), ("\nangle", "\\rangle"), ("\night", "\\right")):
-            doc = doc.replace(broken, fixed)
-        lines[:] = inspect.cleandoc(doc).split("\n") + [""]
-    for i, line in enumerate(lines):
-        while _STARRED_TYPE.match(line):
-            line = _STARRED_TYPE.sub(r"\1\\*\2", line, count=1)
-        lines[i] = line
-
-
-def setup(app):
-    app.connect("autodoc-process-docstring", _repair_docstring, priority=100)  # before numpydoc
 
 
 # -- sphinx-gallery ----------------------------------------------------------

@@ -245,8 +245,8 @@ _CV_DOC = """
         ``std_test_score``, ``rank_test_score``, ``split{k}_test_score``).
     cv_time_ : float
         Seconds spent fitting the fold paths.
-
-    Plus, after the refit, every fitted attribute of the base estimator.
+    network_, n_features_in_, ... : see the base estimator
+        After the refit, every fitted attribute of the base estimator.
 
     Notes
     -----

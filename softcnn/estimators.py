@@ -653,14 +653,20 @@ _NOTES_DOC = r"""
 
         J = \frac{\sum_i s_i \ell(f(x_i), y_i)}{\sum_i s_i}
             + \text{tying}\,\Omega_{tie} + \text{locality}\,\Omega_{loc}
-            + \alpha\,\Omega_{ridge},
+            + \text{channel\_sparsity}\,\Omega_{ch}
+            + \text{sparsity}\,\Omega_{sp} + \alpha\,\Omega_{ridge},
 
-    each :math:`\Omega` averaged over positions. With ``tying_graph='mean'``,
-    :math:`\Omega_{tie} = \sum_p \|w_p - m\|^2` (``m`` free, so at the optimum
-    the mean kernel); with ``'grid'``, :math:`\sum_{p\sim q}\|w_p - w_q\|^2`.
-    :math:`\Omega_{loc} = \sum g(\delta) w^2`. ``tying = locality = 0`` is a
-    locally connected network; as both grow the model becomes a CNN, which
-    :meth:`to_torch` with ``hard=True`` exports.
+    each :math:`\Omega` averaged over positions. The tying penalty charges
+    ``w_p - m`` (``'mean'`` graph, ``m`` free), ``w_p - w_q`` for 4-neighbours
+    (``'grid'``) or every pair (``'all'``), with a squared, absolute or
+    Euclidean norm (``'l2'``, ``'l1'``, ``'group'``). The locality penalty is
+    :math:`\sum g(\delta)\,\phi(w)` over offsets (``'l2'``, ``'l1'``) or a group
+    lasso over nested rings (``'rings'``); :math:`\Omega_{ch}` is a group lasso
+    per output channel and :math:`\Omega_{sp}` an l1 or transformed-l1 penalty
+    on every weight. Smooth penalties train with L-BFGS or Adam, the others by
+    proximal steps, so their zeros and ties are exact. ``tying = locality = 0``
+    is a locally connected network; as both grow the model becomes a CNN,
+    which :meth:`to_torch` with ``hard=True`` exports.
 """
 
 

@@ -197,8 +197,11 @@ def tying_max(estimator, X, y, sample_weight=None) -> float:
       :math:`D^\top u = G` certifies ``d = 0``, so this is an **upper bound**
       (exact on a single row or column of positions; generally within a
       small factor).
-    * ``'l2'`` penalties (no finite limit): the ``'l1'`` value of the same
-      graph, as a scale.
+    * ``'l2'`` penalties (no finite limit): linearising the optimality
+      condition, ``d ≈ -L G / (2 λ)``; the value returned is the strength at
+      which the largest such deviation is ``L2_RELATIVE_DEVIATION`` (1%) of
+      the largest weight of the reference fit, so a path starting there
+      starts at (nearly) the CNN.
 
     The conditions hold at the reference solution; a fit at ``tying``
     slightly above the value reaches exact zeros when it converges to the
@@ -225,8 +228,25 @@ def tying_max(estimator, X, y, sample_weight=None) -> float:
                             default=0.0)
             else:
                 v = L * max((float(u.abs().max()) for u in flows if u.numel()), default=0.0)
+        if penalty == "l2":
+            v = _l2_scale(v, layer)
         value = max(value, v)
     return _positive(value)
+
+
+#: For ridge-type penalties: the path starts where the linearised largest deviation
+#: (or far weight) is this share of the largest weight.
+L2_RELATIVE_DEVIATION = 1e-2
+
+
+def _l2_scale(l1_value: float, layer) -> float:
+    """From the ``'l1'`` bound ``L max|G|`` to the ``'l2'`` strength with ``|d| <= 1% max|w|``.
+
+    With ``λ/L Σ d²`` the stationarity condition gives ``d ≈ -L G / (2λ)``.
+    """
+    with torch.no_grad():
+        w_max = float(layer.kernels()[..., :-1].abs().max())
+    return l1_value / (2.0 * L2_RELATIVE_DEVIATION * max(w_max, _TINY))
 
 
 def _drop_nonsmooth_locality(estimator) -> dict:
@@ -270,7 +290,9 @@ def locality_max(estimator, X, y, sample_weight=None) -> float:
     * ``'rings'``: :math:`L \max_{p,f} \|G_{p,f}(\text{outside the window})\|_2`,
       an upper bound for zeroing everything outside the nominal window (the
       group of all those offsets alone certifies it);
-    * ``'l2'``: the ``'l1'`` value, as a scale.
+    * ``'l2'``: the ``'l1'`` value turned into the strength at which the
+      linearised largest far weight is 1% of the largest weight (as for
+      :func:`tying_max`).
     """
     weights = {}
 
@@ -300,5 +322,7 @@ def locality_max(estimator, X, y, sample_weight=None) -> float:
             v = L * float(torch.linalg.vector_norm(G[..., far], dim=-1).max())
         else:
             v = L * float((G[..., far].abs() / g[far]).max())
+        if estimator.locality_penalty == "l2":
+            v = _l2_scale(v, layer)
         value = max(value, v)
     return _positive(value)

@@ -512,11 +512,11 @@ def tv_prox(
     tol: float = 1e-10,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Proximal operator of total variation over a 2-D grid of positions.
+    r"""Proximal operator of total variation over a 2-D grid of positions.
 
     Parameters
     ----------
-    x : torch.Tensor, shape (Lh * Lw, *rest)
+    x : torch.Tensor, shape (Lh * Lw, \*rest)
         Values at the positions of an ``Lh x Lw`` grid, positions first in
         row-major order.
     t : float or 0-d torch.Tensor

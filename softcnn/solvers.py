@@ -224,7 +224,7 @@ angle + \|x^+ - y\|^2 / (2t)`,
     largest entry of the gradient mapping :math:`(y - x^+)/t` is below
     ``tol``, when ``J`` stops decreasing (relative change below
     ``tol * 1e-6`` with no momentum), or after ``max_iter`` iterations.
-    """
+    r"""
     params = list(params)
     result = SolverResult()
     bar = tqdm(total=max_iter, desc="FISTA", disable=verbose <= 0, leave=False)

@@ -5,6 +5,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from sklearn.base import clone
 from sklearn.exceptions import ConvergenceWarning
 
 from softcnn import SoftConvRegressor
@@ -85,3 +86,24 @@ def test_locality_max_l1_zeroes_far_weights(data):
     for pen in ("l2", "rings"):
         v = locality_max(est.set_params(locality_penalty=pen, max_iter=50), X, y)
         assert np.isfinite(v) and v > 0
+
+
+def test_l2_maxima_start_the_path_at_the_limit():
+    """For ridge-type penalties the returned strength is where the fit is (nearly) at the limit:
+    the linearised largest deviation is 1% of the largest weight, so the energy share is ~1e-4."""
+    from sklearn.datasets import load_digits
+
+    from softcnn import SoftConvClassifier
+    from softcnn.limits import locality_max, tying_max
+
+    X, y = load_digits(return_X_y=True)
+    X, y = X[:300] / 16, y[:300]
+    est = SoftConvClassifier(channels=4, max_iter=100, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        t_max, l_max = tying_max(est, X, y), locality_max(est, X, y)
+        at_t = clone(est).set_params(tying=t_max).fit(X, y)
+        below_t = clone(est).set_params(tying=t_max / 100).fit(X, y)
+        at_l = clone(est).set_params(locality=l_max).fit(X, y)
+    assert at_t.tying_deviation_ < 1e-3 < below_t.tying_deviation_
+    assert at_l.locality_ratio_ < 1e-3
