@@ -2,8 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# A CPU build of PyTorch unless a GPU is visible, so CPU machines never pull CUDA wheels.
-# On machines whose pip cannot see a CPU wheel, set TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# PyTorch is installed first, pinned, so the package's own `torch>=2.2` installs nothing more.
+# Where pip is offered a local CPU wheel (PIP_FIND_LINKS, as on these machines) it takes it;
+# where it would only see CUDA builds, set TORCH_INDEX=https://download.pytorch.org/whl/cpu.
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 

@@ -107,3 +107,22 @@ def test_l2_maxima_start_the_path_at_the_limit():
         at_l = clone(est).set_params(locality=l_max).fit(X, y)
     assert at_t.tying_deviation_ < 1e-3 < below_t.tying_deviation_
     assert at_l.locality_ratio_ < 1e-3
+
+
+@pytest.mark.parametrize("penalty,graph", [("l1", "mean"), ("group", "mean"), ("l1", "all")])
+def test_tying_max_is_exact_along_a_path_from_the_cnn(data, penalty, graph):
+    """Like lasso's alpha_max: at the CNN solution, zero deviation stays optimal down to tying_max.
+
+    The model is bilinear (kernel x read-out), so a cold fit may reach another local solution
+    where the bound does not apply; the path warm-starts from the CNN, as ``soft_conv_path`` does.
+    """
+    X, y = data
+    est = SoftConvRegressor(channels=1, activation="identity", alpha=1e-2, tying_penalty=penalty,
+                            tying_graph=graph, support=3, max_iter=1500, tol=1e-9, random_state=0,
+                            warm_start=True)
+    tm = tying_max(est, X, y)
+    fit(est.set_params(tying=100 * tm), X, y)
+    fit(est.set_params(tying=1.01 * tm), X, y)
+    assert est.n_tied_positions_ == [25]  # every position has exactly the shared kernel
+    fit(est.set_params(tying=0.5 * tm), X, y)
+    assert est.n_tied_positions_[0] < 25 and est.tying_deviation_ > 1e-3
