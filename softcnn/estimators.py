@@ -9,6 +9,7 @@ from abc import ABCMeta, abstractmethod
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 import torch.nn.functional as F
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from sklearn.exceptions import ConvergenceWarning
@@ -342,20 +343,23 @@ class BaseSoftConv(BaseEstimator, metaclass=ABCMeta):
             p["penalties"],
         )
         params = [q for q in net.parameters() if q.requires_grad]
-        if solver == "lbfgs":
-            result = lbfgs(objective, params, max_iter=self.max_iter, tol=self.tol, verbose=self.verbose)
-        elif solver == "fista":
-            result = fista(objective, params, max_iter=self.max_iter, tol=self.tol, verbose=self.verbose)
-        else:
-            batch_size = min(200, X.shape[0]) if self.batch_size == "auto" else min(self.batch_size, X.shape[0])
-            result = stochastic(
-                objective, params, solver=solver, learning_rate=self.learning_rate, batch_size=batch_size,
-                max_iter=1 if incremental else self.max_iter, tol=self.tol,
-                n_iter_no_change=self.n_iter_no_change, validation_score=validation_score,
-                generator=generator,
-                optimizer_state=getattr(self, "_optimizer_state", None) if reuse and incremental else None,
-                verbose=self.verbose,
-            )
+        # numpy/scipy BLAS threads spin between the solver's small vector steps and starve
+        # torch's own threads (6x slower fits on 2 cores); torch keeps its thread pool.
+        with threadpool_limits(limits=1, user_api="blas"):
+            if solver == "lbfgs":
+                result = lbfgs(objective, params, max_iter=self.max_iter, tol=self.tol, verbose=self.verbose)
+            elif solver == "fista":
+                result = fista(objective, params, max_iter=self.max_iter, tol=self.tol, verbose=self.verbose)
+            else:
+                batch_size = min(200, X.shape[0]) if self.batch_size == "auto" else min(self.batch_size, X.shape[0])
+                result = stochastic(
+                    objective, params, solver=solver, learning_rate=self.learning_rate, batch_size=batch_size,
+                    max_iter=1 if incremental else self.max_iter, tol=self.tol,
+                    n_iter_no_change=self.n_iter_no_change, validation_score=validation_score,
+                    generator=generator,
+                    optimizer_state=getattr(self, "_optimizer_state", None) if reuse and incremental else None,
+                    verbose=self.verbose,
+                )
         for h in hooks:
             h.remove()
         # exact structure: re-express the layers (model unchanged), then snap below threshold
