@@ -500,7 +500,7 @@ class BaseSoftConv(BaseEstimator, metaclass=ABCMeta):
         return tags
 
 
-_PARAMS_DOC = """
+_PARAMS_DOC = r"""
     Parameters
     ----------
     channels : int or tuple of int, default=8
@@ -602,7 +602,7 @@ _PARAMS_DOC = """
         Start from the previous fit's weights (the architecture must match).
 """
 
-_ATTRS_DOC = """
+_ATTRS_DOC = r"""
     n_features_in_ : int
         Flattened number of features (``C * H * W``).
     feature_names_in_ : ndarray of str

@@ -89,7 +89,9 @@ class Objective:
 
     def __call__(self, idx: torch.Tensor | None = None) -> torch.Tensor:
         """Data loss plus the smooth penalties."""
-        return self.data_loss(idx) + self.penalty()
+        loss = self.data_loss(idx)
+        # no "+ 0" node in the hot loop when no smooth penalty is active
+        return loss + self.penalty() if self.smooth_penalties else loss
 
     def total(self) -> float:
         """The full objective ``J`` (smooth and non-smooth parts) on all the data."""
@@ -209,22 +211,20 @@ def fista(objective: Objective, params: Sequence[torch.Tensor], *, max_iter: int
 
     Notes
     -----
-    From the extrapolated point ``y`` a step ``x^+ = prox_{t g}(y - t
-abla f(y))``
-    is accepted when the quadratic upper bound holds,
-    :math:`f(x^+) \le f(y) + \langle
-abla f(y), x^+ - y
-angle + \|x^+ - y\|^2 / (2t)`,
+    From the extrapolated point ``y`` a step
+    :math:`x^+ = \operatorname{prox}_{t g}(y - t \nabla f(y))` is accepted when
+    the quadratic upper bound holds,
+    :math:`f(x^+) \le f(y) + \langle \nabla f(y), x^+ - y \rangle + \|x^+ - y\|^2 / (2t)`,
     otherwise ``t`` is halved (Beck & Teboulle 2009); after an accepted step
     ``t`` may grow by 25% (the net is nonconvex: curvature changes along the
-    path). Momentum :math:`y = x^+ + rac{	heta_k - 1}{	heta_{k+1}}(x^+ - x)`
+    path). Momentum :math:`y = x^+ + \frac{\theta_k - 1}{\theta_{k+1}}(x^+ - x)`
     is restarted whenever ``J`` would increase, and a step that increases
     ``J`` from a non-extrapolated point is rejected with a smaller ``t``, so
     the recorded ``J`` never increases (monotone FISTA). Stops when the
     largest entry of the gradient mapping :math:`(y - x^+)/t` is below
     ``tol``, when ``J`` stops decreasing (relative change below
     ``tol * 1e-6`` with no momentum), or after ``max_iter`` iterations.
-    r"""
+    """
     params = list(params)
     result = SolverResult()
     bar = tqdm(total=max_iter, desc="FISTA", disable=verbose <= 0, leave=False)
