@@ -5,10 +5,12 @@ from __future__ import annotations
 import inspect
 import numbers
 import time
+import warnings
 
 import numpy as np
 from joblib import Parallel, delayed
 from sklearn.base import clone, is_classifier
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import check_cv
 from sklearn.utils import _safe_indexing
 from sklearn.utils.metaestimators import available_if
@@ -147,10 +149,6 @@ class _BaseSoftConvCV:
 
 
 def _quiet_fit(est, X, y, sample_weight, warn=False):
-    import warnings
-
-    from sklearn.exceptions import ConvergenceWarning
-
     with warnings.catch_warnings():
         if not warn:
             warnings.simplefilter("ignore", ConvergenceWarning)

@@ -27,12 +27,6 @@ def small_images():
     return X, y_reg, y_clf
 
 
-def quiet(est):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        return est
-
-
 def fit_quietly(est, *args, **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)

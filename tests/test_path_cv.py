@@ -28,13 +28,6 @@ def cnn_data():
     return X, y
 
 
-def quiet():
-    ctx = warnings.catch_warnings()
-    ctx.__enter__()
-    warnings.simplefilter("ignore", ConvergenceWarning)
-    return ctx
-
-
 # ------------------------------------------------------------------ path
 def test_path_goes_from_strong_to_weak_and_loosens_the_ties(cnn_data):
     X, y = cnn_data
