@@ -9,7 +9,7 @@ from abc import ABCMeta, abstractmethod
 
 import numpy as np
 import torch
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 import torch.nn.functional as F
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from sklearn.exceptions import ConvergenceWarning
@@ -41,6 +41,17 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 #: 'auto' solver: full-batch L-BFGS in float64 up to this many samples, Adam above.
 LBFGS_MAX_SAMPLES = 5000
 _PREDICT_BATCH = 4096
+
+
+_BLAS_CONTROLLER = None
+
+
+def _blas_controller() -> ThreadpoolController:
+    """One controller per process: finding the BLAS libraries costs milliseconds, limiting them does not."""
+    global _BLAS_CONTROLLER
+    if _BLAS_CONTROLLER is None:
+        _BLAS_CONTROLLER = ThreadpoolController()
+    return _BLAS_CONTROLLER
 
 
 def _atomic_fit(method):
@@ -164,8 +175,8 @@ class BaseSoftConv(BaseEstimator, metaclass=ABCMeta):
         """Validate y for the task; return (encoded y as ndarray, n_outputs, fitted attrs)."""
 
     @abstractmethod
-    def _loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Per-sample loss."""
+    def _loss(self, outputs: torch.Tensor, targets: torch.Tensor, reduction: str = "none") -> torch.Tensor:
+        """Per-sample loss (``reduction='none'``) or its mean (``'mean'``, one fused op)."""
 
     @abstractmethod
     def _target_tensor(self, y: np.ndarray, dtype, device) -> torch.Tensor:
@@ -345,7 +356,7 @@ class BaseSoftConv(BaseEstimator, metaclass=ABCMeta):
         params = [q for q in net.parameters() if q.requires_grad]
         # numpy/scipy BLAS threads spin between the solver's small vector steps and starve
         # torch's own threads (6x slower fits on 2 cores); torch keeps its thread pool.
-        with threadpool_limits(limits=1, user_api="blas"):
+        with _blas_controller().limit(limits=1, user_api="blas"):
             if solver == "lbfgs":
                 result = lbfgs(objective, params, max_iter=self.max_iter, tol=self.tol, verbose=self.verbose)
             elif solver == "fista":
@@ -367,7 +378,9 @@ class BaseSoftConv(BaseEstimator, metaclass=ABCMeta):
             for _, pen in p["penalties"]:
                 pen.finalize(layer)
         n_snapped = sum(layer.snap(float(self.threshold)) for layer in net.soft_layers)
-        final_loss = objective.total()
+        # Adam/SGD report the last epoch's mean objective, as MLPClassifier does (no extra pass)
+        stochastic_ok = solver in ("adam", "sgd") and result.loss_curve and not n_snapped
+        final_loss = result.loss_curve[-1] if stochastic_ok else objective.total()
 
         # Everything below only assigns: the estimator changes all at once.
         for name, value in target_attrs.items():
@@ -738,10 +751,10 @@ class SoftConvClassifier(ClassifierMixin, BaseSoftConv):
     def _target_tensor(self, y, dtype, device):
         return torch.as_tensor(y, device=device)
 
-    def _loss(self, outputs, targets):
+    def _loss(self, outputs, targets, reduction="none"):
         if outputs.shape[1] == 1:
-            return F.binary_cross_entropy_with_logits(outputs[:, 0], targets.to(outputs.dtype), reduction="none")
-        return F.cross_entropy(outputs, targets, reduction="none")
+            return F.binary_cross_entropy_with_logits(outputs[:, 0], targets.to(outputs.dtype), reduction=reduction)
+        return F.cross_entropy(outputs, targets, reduction=reduction)
 
     @_atomic_fit
     def partial_fit(self, X, y, classes=None, sample_weight=None):
@@ -834,8 +847,9 @@ class SoftConvRegressor(RegressorMixin, BaseSoftConv):
     def _target_tensor(self, y, dtype, device):
         return torch.as_tensor(y, dtype=dtype, device=device)
 
-    def _loss(self, outputs, targets):
-        return 0.5 * (outputs - targets).pow(2).sum(1)
+    def _loss(self, outputs, targets, reduction="none"):
+        per_sample = 0.5 * (outputs - targets).pow(2).sum(1)
+        return per_sample.mean() if reduction == "mean" else per_sample
 
     @_atomic_fit
     def partial_fit(self, X, y, sample_weight=None):

@@ -37,7 +37,7 @@ class Objective:
     ----------
     net : SoftConvNet
     loss : callable
-        ``loss(outputs, targets) -> per-sample losses``.
+        ``loss(outputs, targets, reduction='none'|'mean')``: per-sample losses or their mean.
     X, y, sample_weight : Tensor
     penalties : list of (float, Penalty)
     """
@@ -62,9 +62,9 @@ class Objective:
 
     def data_loss(self, idx: torch.Tensor | None = None) -> torch.Tensor:
         X, y = (self.X, self.y) if idx is None else (self.X[idx], self.y[idx])
-        losses = self.loss(self.net(X), y)
         if self.uniform:
-            return losses.mean()
+            return self.loss(self.net(X), y, reduction="mean")
+        losses = self.loss(self.net(X), y)
         sw = self.sw if idx is None else self.sw[idx]
         return (sw * losses).sum() / (sw.shape[0] * self.sw_mean)
 
@@ -368,21 +368,18 @@ def stochastic(
     for epoch in epochs:
         snapshot = [p.detach().clone() for p in params]
         perm = torch.randperm(n, generator=generator).to(device)
-        total = 0.0
+        batch_losses = []
         for start in range(0, n, batch_size):
             idx = perm[start : start + batch_size]
             opt.zero_grad(set_to_none=True)
             loss = objective(idx)
-            value = loss.item()
-            if not math.isfinite(value):
-                total = math.nan
-                break
             loss.backward()
             opt.step()
             if prox:
                 objective.prox(learning_rate)
-            total += value * idx.shape[0]
-        epoch_loss = total / n
+            # no .item() per step: finiteness is checked once per epoch, whose start is the rollback point
+            batch_losses.append(loss.detach() * idx.shape[0])
+        epoch_loss = float(torch.stack(batch_losses).sum()) / n
         if not math.isfinite(epoch_loss) or not all(torch.isfinite(p).all() for p in params):
             with torch.no_grad():
                 for p, s in zip(params, snapshot):
