@@ -108,20 +108,6 @@ class Penalty(ABC):
         """Penalty of a network: per-layer values averaged over positions, summed over layers."""
         return sum(self.layer_value(layer) / layer.n_positions for layer in net.soft_layers)
 
-    def prox(self, layer: SoftConv2d, step: float) -> None:
-        r"""Apply the proximal operator of ``step * value`` to one layer, in place.
-
-        ``step`` is the solver's step size on the raw parameters times the
-        strength. Only non-smooth penalties implement it; smooth ones are
-        differentiated by autograd.
-        """
-        raise NotImplementedError(f"{type(self).__name__} is smooth and has no proximal operator.")
-
-    def prox_net(self, net, step: float) -> None:
-        """Apply :meth:`prox` to every soft-conv layer of ``net`` (override for other layers)."""
-        for layer in net.soft_layers:
-            self.prox(layer, step)
-
     def finalize(self, layer: SoftConv2d) -> None:
         """Re-express a fitted layer without changing the model or increasing the penalty (default: nothing)."""
 
@@ -249,7 +235,23 @@ def _recentre(layer: SoftConv2d) -> None:
 
 
 class _NonSmooth(Penalty):
+    """A penalty the solvers apply through its proximal operator, not autograd."""
+
     smooth = False
+
+    @abstractmethod
+    def prox(self, layer: SoftConv2d, step: float) -> None:
+        r"""Apply the proximal operator of ``step * value`` to one layer, in place.
+
+        ``step`` is the solver's step size on the raw parameters times the
+        strength. Only non-smooth penalties implement it; smooth ones are
+        differentiated by autograd.
+        """
+
+    def prox_net(self, net, step: float) -> None:
+        """Apply :meth:`prox` to every soft-conv layer of ``net`` (override for other layers)."""
+        for layer in net.soft_layers:
+            self.prox(layer, step)
 
 
 @register("tying", "l1", "mean")
@@ -470,7 +472,7 @@ class LocalityL2(_ProfiledPenalty):
 
 
 @register("locality", "l1")
-class LocalityL1(_ProfiledPenalty):
+class LocalityL1(_NonSmooth, _ProfiledPenalty):
     r"""Weighted lasso on far weights: :math:`\sum_{p,f,c,\delta} g(\delta)\, |w_{p,f,c,\delta}|`.
 
     Prox: weighted soft thresholding of the effective weights ``w = m + d``
@@ -479,7 +481,6 @@ class LocalityL1(_ProfiledPenalty):
     ``w``, and tied positions stay tied.
     """
 
-    smooth = False
 
     def layer_value(self, layer):
         return (layer.kernels().abs() * self.weights(layer)).sum()
@@ -507,7 +508,7 @@ def ring_groups(layer: SoftConv2d) -> torch.Tensor:
 
 
 @register("locality", "rings")
-class LocalityRings(_ProfiledPenalty):
+class LocalityRings(_NonSmooth, _ProfiledPenalty):
     r"""Nested-ring group lasso: :math:`\sum_{p,f} \sum_n \|w_{p,f}(G_n)\|_2`.
 
     Groups (:func:`ring_groups`) span all input channels of a unit's kernel
@@ -518,7 +519,6 @@ class LocalityRings(_ProfiledPenalty):
     as ``d = w - m``.
     """
 
-    smooth = False
 
     def _groups(self, layer):
         g = ring_groups(layer)
@@ -573,11 +573,13 @@ class _Elementwise(_NonSmooth):
     """A separable penalty ``Σ ρ(w)`` on every weight: soft-conv weights (biases excluded,
     averaged over positions) and the weights of the dense and read-out layers."""
 
+    @abstractmethod
     def rho(self, w: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The penalty of each weight."""
 
+    @abstractmethod
     def elementwise_prox(self, w: torch.Tensor, t: float) -> torch.Tensor:
-        raise NotImplementedError
+        """The prox of ``t * rho``, entrywise."""
 
     def layer_value(self, layer):
         return self.rho(layer.kernels()[..., :-1]).sum()
