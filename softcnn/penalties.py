@@ -481,7 +481,6 @@ class LocalityL1(_NonSmooth, _ProfiledPenalty):
     ``w``, and tied positions stay tied.
     """
 
-
     def layer_value(self, layer):
         return (layer.kernels().abs() * self.weights(layer)).sum()
 
@@ -518,7 +517,6 @@ class LocalityRings(_NonSmooth, _ProfiledPenalty):
     (from the smallest group to the largest) on ``w = m + d``, written back
     as ``d = w - m``.
     """
-
 
     def _groups(self, layer):
         g = ring_groups(layer)
