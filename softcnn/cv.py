@@ -128,7 +128,7 @@ class _BaseSoftConvCV:
 
         if self.refit:
             best = clone(base).set_params(tying=tyings[chosen[1]], locality=localities[chosen[0]])
-            _quiet_fit(best, X, y, sample_weight, warn=True)
+            best.fit(X, y, sample_weight=sample_weight)  # its warnings reach the user
             set_fitted_state(self, fitted_state(best))
         else:
             self.n_features_in_ = template.n_features_in_
@@ -148,10 +148,9 @@ class _BaseSoftConvCV:
         """Not available: a CV estimator refits a grid, it does not learn incrementally."""
 
 
-def _quiet_fit(est, X, y, sample_weight, warn=False):
+def _quiet_fit(est, X, y, sample_weight):
     with warnings.catch_warnings():
-        if not warn:
-            warnings.simplefilter("ignore", ConvergenceWarning)
+        warnings.simplefilter("ignore", ConvergenceWarning)
         est.fit(X, y, sample_weight=sample_weight)
 
 

@@ -10,9 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from matplotlib.collections import LineCollection, PolyCollection  # noqa: E402
-from sklearn.datasets import load_digits  # noqa: E402
 
-from softcnn import SoftConvClassifier  # noqa: E402
 from softcnn.plotting import plot_cv, plot_frontier, plot_kernels, plot_path  # noqa: E402
 
 
@@ -20,15 +18,6 @@ from softcnn.plotting import plot_cv, plot_frontier, plot_kernels, plot_path  # 
 def _close_figures():
     yield
     plt.close("all")
-
-
-@pytest.fixture(scope="module")
-def fitted():
-    X, y = load_digits(return_X_y=True)
-    est = SoftConvClassifier(channels=2, max_iter=20, random_state=0)
-    with pytest.warns(Warning):  # ConvergenceWarning at max_iter=20
-        est.fit(X[:200] / 16.0, y[:200])
-    return est
 
 
 def _path(values=None, validation=True):

@@ -5,19 +5,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from scipy import stats as sps
-from sklearn.datasets import load_digits
 
-from softcnn import SoftConvClassifier
 from softcnn.stats import LocalityStatistic, locality_statistic, tying_statistic
-
-
-@pytest.fixture(scope="module")
-def fitted():
-    X, y = load_digits(return_X_y=True)
-    est = SoftConvClassifier(channels=2, max_iter=20, random_state=0)
-    with pytest.warns(Warning):  # ConvergenceWarning at max_iter=20
-        est.fit(X[:200] / 16.0, y[:200])
-    return est
 
 
 # ------------------------------------------------------------------- locality

@@ -1,0 +1,16 @@
+"""Fixtures shared by several test modules."""
+
+import pytest
+from sklearn.datasets import load_digits
+
+from softcnn import SoftConvClassifier
+
+
+@pytest.fixture(scope="session")
+def fitted():
+    """A small classifier fitted on 200 digits (for plots and statistics of real kernels)."""
+    X, y = load_digits(return_X_y=True)
+    est = SoftConvClassifier(channels=2, max_iter=20, random_state=0)
+    with pytest.warns(Warning):  # ConvergenceWarning at max_iter=20
+        est.fit(X[:200] / 16.0, y[:200])
+    return est
