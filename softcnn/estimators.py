@@ -6,6 +6,8 @@ import copy
 import numbers
 import warnings
 from abc import ABCMeta, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -30,7 +32,7 @@ from ._validation import (
 from .exceptions import DivergenceWarning
 from .network import ACTIVATIONS, POOLINGS, SoftConvNet, to_hard_cnn
 from .penalties import has_nonsmooth, make_penalties, preconditioner
-from .solvers import Objective, fista, lbfgs, stochastic
+from .solvers import Objective, SolverResult, fista, lbfgs, stochastic
 
 __all__ = ["SoftConvClassifier", "SoftConvRegressor"]
 
@@ -86,6 +88,26 @@ def _merge_duplicates(X: np.ndarray, y: np.ndarray, sw: np.ndarray):
     d = X[0].size
     y_new = rows[:, d:].astype(y.dtype).reshape(-1, *y.shape[1:])
     return rows[:, :d].reshape(-1, *X.shape[1:]), y_new, weights
+
+
+@dataclass
+class _FitProblem:
+    """Everything a fit has prepared before its solver runs (see ``BaseSoftConv._prepare_fit``)."""
+
+    objective: Objective
+    solver: str
+    incremental: bool
+    reuse: bool
+    hooks: list
+    generator: torch.Generator
+    validation_score: Callable[[], float] | None
+    penalties: list
+    arch: tuple
+    image_shape: tuple
+    n_outputs: int
+    target_attrs: dict
+    device: torch.device
+    dtype: torch.dtype
 
 
 class BaseSoftConv(BaseEstimator, metaclass=ABCMeta):
@@ -295,6 +317,12 @@ class BaseSoftConv(BaseEstimator, metaclass=ABCMeta):
         )
 
     def _fit(self, X, y, sample_weight, *, incremental: bool, classes=None, _constrain=None):
+        problem = self._prepare_fit(X, y, sample_weight, incremental=incremental, classes=classes,
+                                    _constrain=_constrain)
+        return self._finish_fit(problem, self._solve(problem))
+
+    def _prepare_fit(self, X, y, sample_weight, *, incremental: bool, classes=None, _constrain=None) -> _FitProblem:
+        """Validate, build (or copy) the network and the objective; the estimator is not modified."""
         p = self._validate_hyperparameters()
         fitted = hasattr(self, "network_")
         reuse = fitted and (incremental or self.warm_start)
@@ -353,29 +381,43 @@ class BaseSoftConv(BaseEstimator, metaclass=ABCMeta):
             torch.as_tensor(sw, dtype=dtype, device=device),
             p["penalties"],
         )
-        params = [q for q in net.parameters() if q.requires_grad]
+        return _FitProblem(
+            objective=objective, solver=solver, incremental=incremental, reuse=reuse, hooks=hooks,
+            generator=generator, validation_score=validation_score, penalties=p["penalties"], arch=arch,
+            image_shape=image_shape, n_outputs=n_outputs, target_attrs=target_attrs, device=device, dtype=dtype,
+        )
+
+    def _solve(self, problem: _FitProblem) -> SolverResult:
+        objective, solver = problem.objective, problem.solver
+        params = [q for q in objective.net.parameters() if q.requires_grad]
         # numpy/scipy BLAS threads spin between the solver's small vector steps and starve
         # torch's own threads (6x slower fits on 2 cores); torch keeps its thread pool.
         with _blas_controller().limit(limits=1, user_api="blas"):
             if solver == "lbfgs":
-                result = lbfgs(objective, params, max_iter=self.max_iter, tol=self.tol, verbose=self.verbose)
-            elif solver == "fista":
-                result = fista(objective, params, max_iter=self.max_iter, tol=self.tol, verbose=self.verbose)
-            else:
-                batch_size = min(200, X.shape[0]) if self.batch_size == "auto" else min(self.batch_size, X.shape[0])
-                result = stochastic(
-                    objective, params, solver=solver, learning_rate=self.learning_rate, batch_size=batch_size,
-                    max_iter=1 if incremental else self.max_iter, tol=self.tol,
-                    n_iter_no_change=self.n_iter_no_change, validation_score=validation_score,
-                    generator=generator,
-                    optimizer_state=getattr(self, "_optimizer_state", None) if reuse and incremental else None,
-                    verbose=self.verbose,
-                )
-        for h in hooks:
+                return lbfgs(objective, params, max_iter=self.max_iter, tol=self.tol, verbose=self.verbose)
+            if solver == "fista":
+                return fista(objective, params, max_iter=self.max_iter, tol=self.tol, verbose=self.verbose)
+            n = objective.n_samples
+            batch_size = min(200, n) if self.batch_size == "auto" else min(self.batch_size, n)
+            return stochastic(
+                objective, params, solver=solver, learning_rate=self.learning_rate, batch_size=batch_size,
+                max_iter=1 if problem.incremental else self.max_iter, tol=self.tol,
+                n_iter_no_change=self.n_iter_no_change, validation_score=problem.validation_score,
+                generator=problem.generator,
+                optimizer_state=(getattr(self, "_optimizer_state", None)
+                                 if problem.reuse and problem.incremental else None),
+                verbose=self.verbose,
+            )
+
+    def _finish_fit(self, problem: _FitProblem, result: SolverResult):
+        """Make the solved network exact (finalize, snap) and set every fitted attribute at once."""
+        net, objective, solver = problem.objective.net, problem.objective, problem.solver
+        reuse, incremental = problem.reuse, problem.incremental
+        for h in problem.hooks:
             h.remove()
         # exact structure: re-express the layers (model unchanged), then snap below threshold
         for layer in net.soft_layers:
-            for _, pen in p["penalties"]:
+            for _, pen in problem.penalties:
                 pen.finalize(layer)
         n_snapped = sum(layer.snap(float(self.threshold)) for layer in net.soft_layers)
         # Adam/SGD report the last epoch's mean objective, as MLPClassifier does (no extra pass)
@@ -383,17 +425,17 @@ class BaseSoftConv(BaseEstimator, metaclass=ABCMeta):
         final_loss = result.loss_curve[-1] if stochastic_ok else objective.total()
 
         # Everything below only assigns: the estimator changes all at once.
-        for name, value in target_attrs.items():
+        for name, value in problem.target_attrs.items():
             setattr(self, name, value)
         prev_curve = list(self.loss_curve_) if reuse and incremental else []
         self.network_ = net
-        self._architecture_ = arch
-        self.image_shape_ = image_shape
-        self.n_outputs_ = n_outputs
-        self.device_ = str(device)
-        self.dtype_ = str(dtype).replace("torch.", "")
+        self._architecture_ = problem.arch
+        self.image_shape_ = problem.image_shape
+        self.n_outputs_ = problem.n_outputs
+        self.device_ = str(problem.device)
+        self.dtype_ = str(problem.dtype).replace("torch.", "")
         self.solver_ = solver
-        self.penalties_ = p["penalties"]
+        self.penalties_ = problem.penalties
         self.n_snapped_ = n_snapped
         self.loss_curve_ = prev_curve + result.loss_curve
         self.loss_ = final_loss
