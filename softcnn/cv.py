@@ -8,7 +8,7 @@ import time
 import warnings
 
 import numpy as np
-from joblib import Parallel, delayed
+from joblib import Parallel, delayed, effective_n_jobs
 from sklearn.base import clone, is_classifier
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import check_cv
@@ -17,7 +17,7 @@ from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import _check_sample_weight, check_scalar, indexable
 
 from .estimators import BaseSoftConv, SoftConvClassifier, SoftConvRegressor, _atomic_fit
-from .path import fitted_state, penalty_grid, set_fitted_state, soft_conv_path
+from .path import Track, _fit_paths, fitted_state, penalty_grid, set_fitted_state
 
 __all__ = ["SoftConvClassifierCV", "SoftConvRegressorCV", "select_strengths"]
 
@@ -55,16 +55,17 @@ def select_strengths(scores: np.ndarray, tyings: np.ndarray, localities: np.ndar
     return int(i), int(j)
 
 
-def _fold_path(estimator, X, y, sample_weight, train, test, tyings, localities, scoring):
-    sw_train = None if sample_weight is None else sample_weight[train]
-    sw_test = None if sample_weight is None else sample_weight[test]
-    path = soft_conv_path(
-        estimator, _safe_indexing(X, train), y[train], param=("tying", "locality"),
-        values=(tyings, localities), sample_weight=sw_train, X_val=_safe_indexing(X, test),
-        y_val=y[test], sample_weight_val=sw_test,
-        scoring=scoring,
-    )
-    return path.validation_score.reshape(path.grid_shape), path.fit_time.sum()
+def _fold_paths(estimator, X, y, sample_weight, folds, tyings, localities, scoring) -> list[np.ndarray]:
+    """Validation scores ``(n_localities, n_tyings)`` of each fold's path; the folds move together."""
+
+    def part(index, w=None):
+        return None if w is None else w[index]
+
+    tracks = [Track(_safe_indexing(X, train), y[train], part(train, sample_weight),
+                    _safe_indexing(X, test), y[test], part(test, sample_weight)) for train, test in folds]
+    records = _fit_paths(estimator, tracks, ("tying", "locality"), [(t, l) for l in localities for t in tyings],
+                         row_length=len(tyings), scoring=scoring)
+    return [r["validation_score"].reshape(len(localities), len(tyings)) for r in records]
 
 
 class _BaseSoftConvCV:
@@ -116,12 +117,16 @@ class _BaseSoftConvCV:
         cv = check_cv(self.cv, y, classifier=is_classifier(base))
         folds = list(cv.split(X, y))
         start = time.perf_counter()
+        # folds in one job move along the path together (one batched model per point)
+        n_groups = min(effective_n_jobs(self.n_jobs), len(folds))
+        groups = [list(g) for g in np.array_split(np.arange(len(folds)), n_groups)]
         results = Parallel(n_jobs=self.n_jobs)(
-            delayed(_fold_path)(base, X, y, sample_weight, train, test, tyings, localities, self.scoring)
-            for train, test in folds
+            delayed(_fold_paths)(base, X, y, sample_weight, [folds[i] for i in g], tyings, localities,
+                                 self.scoring)
+            for g in groups
         )
         cv_time = time.perf_counter() - start
-        scores = np.stack([r[0] for r in results], axis=2)  # (n_localities, n_tyings, n_folds)
+        scores = np.stack([s for r in results for s in r], axis=2)  # (n_localities, n_tyings, n_folds)
         index_min = select_strengths(scores, tyings, localities, "min")
         index_1se = select_strengths(scores, tyings, localities, "1se")
         chosen = index_min if self.selection == "min" else index_1se

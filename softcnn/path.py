@@ -14,7 +14,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.utils import _safe_indexing, check_random_state
 from tqdm.auto import tqdm
 
-__all__ = ["SoftConvPath", "soft_conv_path", "penalty_grid"]
+__all__ = ["SoftConvPath", "soft_conv_path", "penalty_grid", "Track"]
 
 _DIAGNOSTICS = ("tying_deviation_", "locality_ratio_", "n_params_", "flops_", "n_iter_")
 
@@ -201,53 +201,95 @@ def soft_conv_path(
         points = [(t, o) for o in outer for t in inner]
     else:
         points = [(t,) for t in axes[0]]
-    scorer = check_scoring(est, scoring=scoring)
-    record = {k: [] for k in ("train_loss", "train_score", "validation_score", "fit_time", *_DIAGNOSTICS)}
-    weights = [] if return_weights else None
-    row_start = None  # warm start of each grid row: the strong-tying end of the previous row
-    est.set_params(warm_start=True)
-    bar = tqdm(points, desc=f"path over {'x'.join(params)}", disable=verbose <= 0, leave=False)
-    for i, point in enumerate(bar):
-        if grid and i % len(axes[0]) == 0 and row_start is not None:
-            set_fitted_state(est, row_start)
-        est.set_params(**dict(zip(params, point)))
-        start = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            est.fit(X, y, sample_weight=sample_weight)
-        record["fit_time"].append(time.perf_counter() - start)
-        if grid and i % len(axes[0]) == 0:
-            row_start = fitted_state(est)
-        record["train_loss"].append(est.loss_)
-        record["train_score"].append(_score(scorer, est, X, y, sample_weight))
-        record["validation_score"].append(
-            _score(scorer, est, X_val, y_val, sample_weight_val) if X_val is not None else np.nan
-        )
-        for name in _DIAGNOSTICS:
-            record[name].append(getattr(est, name, np.nan))
-        if return_weights:
-            weights.append({k: v.detach().cpu().clone() for k, v in est.network_.state_dict().items()})
-    bar.close()
-
-    def arr(name):
-        a = np.asarray(record[name], dtype=float)
-        return None if np.all(np.isnan(a)) else a
-
+    track = Track(X, y, sample_weight, X_val, y_val, sample_weight_val)
+    (record,) = _fit_paths(est, [track], params, points, row_length=len(axes[0]) if grid else None,
+                           scoring=scoring, return_weights=return_weights, verbose=verbose)
     return SoftConvPath(
         param=params if grid else param,
         values=np.array(points) if grid else np.array([p[0] for p in points]),
         grid_shape=(len(axes[1]), len(axes[0])) if grid else None,
-        train_loss=arr("train_loss"),
-        train_score=arr("train_score"),
-        validation_score=arr("validation_score"),
-        tying_deviation=arr("tying_deviation_"),
-        locality_ratio=arr("locality_ratio_"),
-        n_params=arr("n_params_"),
-        flops=arr("flops_"),
-        n_iter=np.asarray(record["n_iter_"], dtype=int),
-        fit_time=np.asarray(record["fit_time"]),
-        weights=weights,
+        **record,
     )
+
+
+@dataclass
+class Track:
+    """One training set followed along a path, with its validation data (None: no validation score)."""
+
+    X: object
+    y: object
+    sample_weight: object = None
+    X_val: object = None
+    y_val: object = None
+    sample_weight_val: object = None
+
+
+def _fit_paths(estimator, tracks: list[Track], params: tuple, points: list, *, row_length: int | None = None,
+               scoring=None, return_weights: bool = False, verbose: int = 0, batch="auto") -> list[dict]:
+    """Warm-started fits of ``estimator`` at ``points`` (strengths of ``params``), one path per track.
+
+    The tracks move through the points together: at each point all their
+    fits are solved as one batched model where they can be
+    (:func:`softcnn.batched.fit_together`). For a grid (``row_length``
+    points per row), each row starts from the first point of the previous
+    row. Returns per track the per-point arrays of :class:`SoftConvPath`.
+    """
+    from .batched import fit_together
+
+    ests = [clone(estimator).set_params(warm_start=True) for _ in tracks]
+    scorer = check_scoring(ests[0], scoring=scoring)
+    records = [{k: [] for k in ("train_loss", "train_score", "validation_score", "fit_time", *_DIAGNOSTICS)}
+               for _ in tracks]
+    weights = [[] if return_weights else None for _ in tracks]
+    row_starts = None  # warm start of each grid row: the strong-tying end of the previous row
+    bar = tqdm(points, desc=f"path over {'x'.join(params)}", disable=verbose <= 0, leave=False)
+    for i, point in enumerate(bar):
+        row_start = row_length is not None and i % row_length == 0
+        if row_start and row_starts is not None:
+            for est, state in zip(ests, row_starts):
+                set_fitted_state(est, state)
+        for est in ests:
+            est.set_params(**dict(zip(params, point)))
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            fit_together(ests, [t.X for t in tracks], [t.y for t in tracks],
+                         [t.sample_weight for t in tracks], batch=batch)
+        elapsed = (time.perf_counter() - start) / len(tracks)  # a shared run: split evenly
+        if row_start:
+            row_starts = [fitted_state(est) for est in ests]
+        for est, t, record, w in zip(ests, tracks, records, weights):
+            record["fit_time"].append(elapsed)
+            record["train_loss"].append(est.loss_)
+            record["train_score"].append(_score(scorer, est, t.X, t.y, t.sample_weight))
+            record["validation_score"].append(
+                _score(scorer, est, t.X_val, t.y_val, t.sample_weight_val) if t.X_val is not None else np.nan
+            )
+            for name in _DIAGNOSTICS:
+                record[name].append(getattr(est, name, np.nan))
+            if return_weights:
+                w.append({k: v.detach().cpu().clone() for k, v in est.network_.state_dict().items()})
+    bar.close()
+
+    def arr(record, name):
+        a = np.asarray(record[name], dtype=float)
+        return None if np.all(np.isnan(a)) else a
+
+    return [
+        dict(
+            train_loss=arr(r, "train_loss"),
+            train_score=arr(r, "train_score"),
+            validation_score=arr(r, "validation_score"),
+            tying_deviation=arr(r, "tying_deviation_"),
+            locality_ratio=arr(r, "locality_ratio_"),
+            n_params=arr(r, "n_params_"),
+            flops=arr(r, "flops_"),
+            n_iter=np.asarray(r["n_iter_"], dtype=int),
+            fit_time=np.asarray(r["fit_time"]),
+            weights=w,
+        )
+        for r, w in zip(records, weights)
+    ]
 
 
 def _score(scorer, est, X, y, sample_weight):
