@@ -50,13 +50,16 @@ class _SmoothObjective(nn.Module):
 
 
 def _signature(objective: Objective) -> tuple:
-    """What stacked models must share: architecture, loss, penalty kinds, device and dtype."""
+    """What stacked models must share: architecture, loss, device and dtype.
+
+    Penalties may differ: a model without one of the others' penalties
+    carries it with strength 0 (``make_penalties`` leaves out zero strengths).
+    """
     net = objective.net
     shapes = tuple((name, tuple(t.shape)) for name, t in net.state_dict().items())
     loss = getattr(objective.loss, "__func__", objective.loss)
-    pens = tuple(type(pen) for _, pen in objective.penalties)
     x = objective.X
-    return shapes, repr(net), loss, pens, x.device, x.dtype, tuple(x.shape[1:])
+    return shapes, repr(net), loss, x.device, x.dtype, tuple(x.shape[1:])
 
 
 def can_stack(objectives: Sequence[Objective]) -> bool:
@@ -103,9 +106,14 @@ class StackedProblem:
         self.X = torch.stack([_pad(o.X, n_max) for o in objectives])
         self.y = torch.stack([_pad(o.y, n_max) for o in objectives])
         self.sw = torch.stack([_pad(o.sw, n_max) for o in objectives])  # zero weight on the padding
-        pens = [pen for _, pen in objectives[0].smooth_penalties]
-        self.strengths = torch.tensor([[s for s, _ in o.smooth_penalties] + [0.0] for o in objectives],
-                                      dtype=self.X.dtype, device=self.X.device)
+        kinds = {}  # one penalty object per kind, over all models
+        for o in objectives:
+            for _, pen in o.smooth_penalties:
+                kinds.setdefault(type(pen), pen)
+        pens = list(kinds.values())
+        strengths = [[dict((type(p), s) for s, p in o.smooth_penalties).get(k, 0.0) for k in kinds] + [0.0]
+                     for o in objectives]  # the extra 0 keeps the tensor 2-D without penalties
+        self.strengths = torch.tensor(strengths, dtype=self.X.dtype, device=self.X.device)
         self._module = _SmoothObjective(template, objectives[0].loss, pens)
         self._value_and_grad = vmap(grad_and_value(self._member))
 
