@@ -253,8 +253,11 @@ _CV_DOC = """
     Notes
     -----
     Each fold fits one warm-started path per locality, tyings from strong to
-    weak (:func:`softcnn.soft_conv_path`), so the whole grid costs a few cold
-    fits per fold. Validation scores use the validation fold's sample weights.
+    weak (:func:`softcnn.soft_conv_path`); the folds given to one joblib job
+    move along the path together, their fits at each point solved as one
+    stacked model (:func:`softcnn.batched.fit_together`: per-model L-BFGS
+    state and stopping; one ``vmap`` evaluation on GPUs). Validation scores
+    use the validation fold's sample weights.
 """
 
 

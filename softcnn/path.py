@@ -119,7 +119,9 @@ def soft_conv_path(
 
     Like :func:`sklearn.linear_model.lasso_path`: strengths go from strong to
     weak and each fit starts from the previous one, so the path starts at the
-    CNN limit and costs a few cold fits.
+    CNN limit and neighbouring points follow one solution. (A point costs up
+    to ``max_iter`` iterations like a cold fit: network fits rarely meet the
+    stopping rule sooner.)
 
     Parameters
     ----------
