@@ -211,7 +211,9 @@ def fit_together(estimators: Sequence, Xs: Sequence, ys: Sequence, sample_weight
     """Fit each estimator on its own data, solving compatible fits as one batched model.
 
     Equivalent to ``[est.fit(X, y, sample_weight=sw) for ...]`` (to round-off,
-    see Notes), with every estimator's parameters, warm start and warnings.
+    see Notes), with every estimator's parameters, warm start, ``n_init``
+    (each initialisation is one more fit to stack; the lowest training
+    objective is kept) and warnings.
 
     Parameters
     ----------
@@ -243,8 +245,11 @@ def fit_together(estimators: Sequence, Xs: Sequence, ys: Sequence, sample_weight
         sample_weights = [None] * len(estimators)
     if not len(estimators) == len(Xs) == len(ys) == len(sample_weights):
         raise ValueError("estimators, Xs, ys and sample_weights must have the same length.")
-    problems = [(est, est._prepare_fit(X, y, sw, incremental=False))
-                for est, X, y, sw in zip(estimators, Xs, ys, sample_weights)]
+    problems, owner = [], []  # a fit per initialisation (n_init); owner: its estimator's index
+    for i, (est, X, y, sw) in enumerate(zip(estimators, Xs, ys, sample_weights)):
+        for init, rs in enumerate(est._init_random_states()):
+            problems.append((est, est._prepare_fit(X, y, sw, incremental=False, init=init, random_state=rs)))
+            owner.append(i)
     results = [None] * len(problems)
     for group in _groups(problems, batch):
         if len(group) == 1:
@@ -257,6 +262,16 @@ def fit_together(estimators: Sequence, Xs: Sequence, ys: Sequence, sample_weight
             solved = lbfgs_models(stacked, max_iter=first.max_iter, tol=first.tol, verbose=first.verbose)
         for i, res in zip(group, solved):
             results[i] = res
-    for (est, prob), res in zip(problems, results):
-        _atomic_fit(type(est)._finish_fit)(est, prob, res)
+    for i, est in enumerate(estimators):
+        mine = [j for j, o in enumerate(owner) if o == i]
+        best = min(mine, key=lambda j: _final_objective(problems[j][1], results[j]))
+        _atomic_fit(type(est)._finish_fit)(est, problems[best][1], results[best])
     return list(estimators)
+
+
+def _final_objective(problem, result) -> float:
+    """Training objective a solved fit ended at (``inf`` if it diverged): how ``n_init`` picks."""
+    if result.diverged:
+        return float("inf")
+    value = problem.objective.total()
+    return value if value == value else float("inf")  # NaN never wins

@@ -139,3 +139,29 @@ def test_cv_with_folds_together_equals_cv_with_a_job_per_fold(folds):
     with parallel_backend("threading", n_jobs=3):
         per_fold = quiet(lambda: SoftConvClassifierCV(**kw, ).set_params(n_jobs=3).fit(X, y))
     np.testing.assert_array_equal(together.scores_path_, per_fold.scores_path_)
+
+
+# ------------------------------------------------------------------ n_init
+def test_more_initialisations_never_end_higher():
+    """init 0 is the n_init=1 fit, so the best of several is at most its objective (here: far below)."""
+    X, y, _ = make_soft_conv_data(200, (8, 8), n_channels=1, kernel_size=3, noise=0.3, kernel_scale=2.0,
+                                  readout="sum", random_state=0)
+    base = SoftConvRegressor(channels=1, support=3, pooling="avg", tying=10.0, random_state=0)
+    one = quiet(lambda: clone(base).fit(X, y))
+    several = quiet(lambda: clone(base).set_params(n_init=4).fit(X, y))
+    assert several.loss_ <= one.loss_
+    # init 0 starts where n_init=1 starts; the others elsewhere
+    starts = [clone(base)._prepare_fit(X, y, None, incremental=False, init=k).objective.net for k in (0, 0, 1)]
+    flat = [torch.cat([p.detach().reshape(-1) for p in net.parameters()]) for net in starts]
+    assert torch.equal(flat[0], flat[1]) and not torch.equal(flat[0], flat[2])
+
+
+def test_n_init_is_ignored_by_warm_starts_and_accepts_random_state_instances():
+    X, y, _ = make_soft_conv_data(60, (5, 5), task="regression", random_state=0)
+    est = SoftConvRegressor(channels=1, max_iter=5, n_init=3, warm_start=True,
+                            random_state=np.random.RandomState(0))
+    assert len(est._init_random_states()) == 3
+    quiet(lambda: est.fit(X, y))
+    assert len(est._init_random_states()) == 1  # fitted and warm: one initialisation, the previous weights
+    with pytest.raises(ValueError, match="n_init"):
+        SoftConvRegressor(n_init=0).fit(X, y)
