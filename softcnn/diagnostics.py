@@ -91,18 +91,28 @@ def active_channels(layer) -> np.ndarray:
 
 
 @torch.no_grad()
-def kernel_sizes(layer) -> np.ndarray:
+def kernel_sizes(layer, odd: bool = False) -> np.ndarray:
     """Learned kernel size of each output channel, ``(F,)`` ints.
 
     The size ``s`` of the smallest centred window (see
     :meth:`~softcnn.layers.SoftConv2d.kernel_levels`) that contains every
     nonzero weight of the channel at every position and input channel; 0 for
     a channel without nonzero weights.
+
+    With ``odd=True`` (an odd ``kernel_size``; ``locality_penalty='full_rings'``)
+    only the windows of odd size count, the ones centred on the nominal
+    window: an even size is rounded up to the next odd one (windows are
+    nested, so it holds the same weights). Full rings zero whole rings, but
+    other penalties or ``threshold`` may zero the half-ring that makes the
+    size even.
     """
     Fo, C = layer.out_channels, layer.in_channels
     nz = (layer.kernels()[..., :-1] != 0).any(0).reshape(Fo, C, -1).any(1).cpu().numpy()  # (F, Sh*Sw)
     levels = layer.kernel_levels().ravel()
-    return np.where(nz, levels[None, :], 0).max(1).astype(int)
+    sizes = np.where(nz, levels[None, :], 0).max(1).astype(int)
+    if odd:
+        sizes = np.where((sizes > 0) & (sizes % 2 == 0), sizes + 1, sizes)
+    return sizes
 
 
 @torch.no_grad()
@@ -121,8 +131,15 @@ def n_free_parameters(layer) -> int:
 
 
 @torch.no_grad()
-def structure(net) -> dict:
+def structure(net, *, odd_kernel_sizes: bool = False) -> dict:
     r"""Exact-structure diagnostics of a fitted network.
+
+    Parameters
+    ----------
+    net : SoftConvNet
+    odd_kernel_sizes : bool, default=False
+        Count kernel sizes in centred odd windows (:func:`kernel_sizes` with
+        ``odd=True``), as for ``locality_penalty='full_rings'``.
 
     Returns
     -------
@@ -152,7 +169,7 @@ def structure(net) -> dict:
     active_prev, spatial = None, None
     for m in net:
         if type(m).__name__ == "SoftConv2d":
-            sizes = kernel_sizes(m)
+            sizes = kernel_sizes(m, odd=odd_kernel_sizes)
             active = active_channels(m)
             if not _activation_keeps_zero(net, m):
                 active = np.ones_like(active)

@@ -21,7 +21,7 @@ from sklearn.utils import check_array, check_random_state, column_or_1d
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, check_scalar, validate_data
 
-from . import diagnostics
+from . import diagnostics, limits
 from ._validation import (
     check_positive_ints,
     flatten_images,
@@ -150,6 +150,7 @@ class BaseSoftConv(BaseEstimator, metaclass=ABCMeta):
         device="auto",
         dtype="auto",
         random_state=None,
+        n_init=1,
         verbose=0,
         warm_start=False,
     ):
@@ -188,6 +189,7 @@ class BaseSoftConv(BaseEstimator, metaclass=ABCMeta):
         self.device = device
         self.dtype = dtype
         self.random_state = random_state
+        self.n_init = n_init
         self.verbose = verbose
         self.warm_start = warm_start
 
@@ -210,7 +212,7 @@ class BaseSoftConv(BaseEstimator, metaclass=ABCMeta):
         p = {}
         p["channels"] = check_positive_ints(self.channels, "channels")
         p["dense"] = check_positive_ints(self.dense, "dense", allow_empty=True)
-        for name in ("kernel_size", "stride", "max_iter", "n_iter_no_change"):
+        for name in ("kernel_size", "stride", "max_iter", "n_iter_no_change", "n_init"):
             check_scalar(getattr(self, name), name, numbers.Integral, min_val=1)
         if self.padding not in ("valid", "same"):
             raise ValueError(f"padding must be 'valid' or 'same'; got {self.padding!r}.")
@@ -321,8 +323,26 @@ class BaseSoftConv(BaseEstimator, metaclass=ABCMeta):
                                     _constrain=_constrain)
         return self._finish_fit(problem, self._solve(problem))
 
-    def _prepare_fit(self, X, y, sample_weight, *, incremental: bool, classes=None, _constrain=None) -> _FitProblem:
-        """Validate, build (or copy) the network and the objective; the estimator is not modified."""
+    def _init_random_states(self, incremental: bool = False) -> list:
+        """One ``random_state`` per initialisation a fit starts from (``n_init``; one for warm starts).
+
+        Every initialisation sees the same random stream (the same validation
+        split); ``_prepare_fit`` derives a different weight seed from ``init``.
+        The first one is the caller's own state, so ``n_init=1`` is untouched.
+        """
+        n = 1 if incremental or (self.warm_start and hasattr(self, "network_")) else self.n_init
+        if isinstance(self.random_state, np.random.RandomState):
+            copies = [copy.deepcopy(self.random_state) for _ in range(n - 1)]
+            return [self.random_state, *copies]
+        return [self.random_state] * n
+
+    def _prepare_fit(self, X, y, sample_weight, *, incremental: bool, classes=None, _constrain=None,
+                     init: int = 0, random_state=None) -> _FitProblem:
+        """Validate, build (or copy) the network and the objective; the estimator is not modified.
+
+        ``init`` > 0 draws other initial weights (``n_init``) from ``random_state``
+        (default: the estimator's).
+        """
         p = self._validate_hyperparameters()
         fitted = hasattr(self, "network_")
         reuse = fitted and (incremental or self.warm_start)
@@ -335,8 +355,11 @@ class BaseSoftConv(BaseEstimator, metaclass=ABCMeta):
         proximal = has_nonsmooth(p["penalties"])
         solver = self._resolve_solver(X.shape[0], incremental=incremental, nonsmooth=proximal)
         dtype = self._resolve_dtype(solver, device)
-        rng = check_random_state(self.random_state)
-        generator = torch.Generator().manual_seed(int(rng.randint(np.iinfo(np.int32).max)))
+        rng = check_random_state(self.random_state if random_state is None else random_state)
+        seed = int(rng.randint(np.iinfo(np.int32).max))
+        if init:
+            seed = int(np.random.SeedSequence([seed, init]).generate_state(1)[0] % np.iinfo(np.int32).max)
+        generator = torch.Generator().manual_seed(seed)
 
         arch = self._architecture(p, image_shape, n_outputs)
         if reuse:
@@ -444,6 +467,7 @@ class BaseSoftConv(BaseEstimator, metaclass=ABCMeta):
         self.best_validation_score_ = max(result.validation_scores) if result.validation_scores else None
         self._optimizer_state = result.optimizer_state
         self._set_diagnostics()
+        self.__dict__.pop("tying_max_", None)  # describes a previous fit; fit() sets it anew
         if result.diverged:
             warnings.warn(
                 f"The training objective stopped being finite ({result.message}); the fit stopped "
@@ -468,7 +492,7 @@ class BaseSoftConv(BaseEstimator, metaclass=ABCMeta):
         self.kernels_ = [diagnostics.layer_kernels(layer) for layer in net.soft_layers]
         self.shared_kernels_ = [diagnostics.layer_shared_kernels(layer) for layer in net.soft_layers]
         self.support_shapes_ = [layer.support_shape for layer in net.soft_layers]
-        st = diagnostics.structure(net)
+        st = diagnostics.structure(net, odd_kernel_sizes=any(pen.odd_kernel_sizes for _, pen in self.penalties_))
         self.n_tied_positions_ = st["n_tied_positions"]
         self.kernel_sizes_ = st["kernel_sizes"]
         self.n_active_channels_ = st["n_active_channels"]
@@ -491,7 +515,19 @@ class BaseSoftConv(BaseEstimator, metaclass=ABCMeta):
         -------
         self : object
         """
-        return self._fit(X, y, sample_weight, incremental=False)
+        if len(self._init_random_states()) > 1:
+            from .batched import fit_together
+
+            self._validate_hyperparameters()  # fails before any fit, with the parameter's name
+            fit_together([self], [X], [y], [sample_weight])
+        else:
+            self._fit(X, y, sample_weight, incremental=False)
+        if self.tying_penalty in ("l1", "group"):
+            # after _fit: it needs the fitted network and all the caller's data (early_stopping splits them)
+            self.tying_max_, self._tying_max_cache = limits._fitted_tying_max(
+                self, X, y, sample_weight, cache=getattr(self, "_tying_max_cache", None)
+            )
+        return self
 
     # ---------------------------------------------------------- predicting
     def _forward(self, X) -> np.ndarray:
@@ -526,7 +562,9 @@ class BaseSoftConv(BaseEstimator, metaclass=ABCMeta):
             Outputs are scores: logits for a classifier (no softmax).
         """
         check_is_fitted(self)
-        return to_hard_cnn(self.network_) if hard else copy.deepcopy(self.network_)
+        if hard:  # full rings: kernels are centred odd windows, so is each conv
+            return to_hard_cnn(self.network_, odd_kernel_sizes=any(p.odd_kernel_sizes for _, p in self.penalties_))
+        return copy.deepcopy(self.network_)
 
     # ------------------------------------------------------------ pickling
     def __getstate__(self):
@@ -593,10 +631,12 @@ _PARAMS_DOC = r"""
     locality : float, default=0.0
         Locality strength; with the ``'window'`` profile large values zero
         the weights outside the nominal window.
-    locality_penalty : {'l2', 'l1', 'rings'}, default='l2'
+    locality_penalty : {'l2', 'l1', 'rings', 'full_rings'}, default='l2'
         ``'l1'``: profile-weighted lasso (exact zeros); ``'rings'``: group
-        lasso over nested rings of the support (outer rings vanish first,
-        each kernel picks its size; the profile is not used).
+        lasso over nested half-rings of the support (outer rings vanish
+        first, each kernel picks its size; the profile is not used);
+        ``'full_rings'``: the same over whole rings, so learned kernels are
+        centred windows of odd size (odd ``kernel_size`` only).
     locality_profile : {'window', 'distance', 'loco'} or ndarray, default='window'
         Per-offset weights ``g(δ)``; an array must have the support's shape
         (``support_shapes_`` after a fit).
@@ -651,6 +691,12 @@ _PARAMS_DOC = r"""
     random_state : int, RandomState instance or None, default=None
         Seeds the initial weights, batches and validation split; a fixed
         value makes CPU fits repeatable bit for bit.
+    n_init : int, default=1
+        Number of initial weights a cold fit starts from; the fit with the
+        lowest training objective is kept (as ``GaussianMixture``). The first
+        is the one ``n_init=1`` uses, so more never ends higher. With L-BFGS
+        they are solved as one stacked model. Ignored by warm-started fits
+        and ``partial_fit``: along a path only the first, cold, point uses it.
     verbose : int, default=0
         Progress bars (tqdm) when > 0.
     warm_start : bool, default=False
@@ -694,6 +740,14 @@ _ATTRS_DOC = r"""
         Share of kernel energy not explained by the shared kernel (0 = CNN).
     locality_ratio_ : float
         Share of weight energy outside the nominal windows.
+    tying_max_ : float
+        Smallest ``tying`` at which every deviation is exactly zero, the
+        quantity of :func:`softcnn.limits.tying_max` computed from this fit:
+        on the fitted network itself when it is already the tied (CNN)
+        solution (every deviation zero, converged, all the data, no other
+        non-smooth penalty), otherwise after a reference fit warm-started
+        from it (at most about one more fit). As accurate as the fit (its
+        ``tol``). Only defined when ``tying_penalty`` is 'l1' or 'group'.
     kernels_ : list of ndarray of shape (Lh, Lw, F, C, Sh, Sw)
         Per-position kernels of each soft-conv layer.
     shared_kernels_ : list of ndarray of shape (F, C, Sh, Sw)

@@ -23,12 +23,19 @@ smooth penalties and drops the other non-smooth ones (``channel_sparsity``,
 ``sparsity``, and a non-smooth locality for ``tying_max``), whose
 subgradients the conditions below ignore. With ``early_stopping`` the whole
 data set is used.
+
+Each maximum is a reference fit followed by a condition evaluated on the
+fitted reference network (``_tying_max_at`` for ``tying_max``), so the
+condition can also be evaluated on a network fitted otherwise: ``fit`` sets
+``tying_max_`` that way (:func:`_fitted_tying_max`), on its own solution when
+that is already tied, else after a reference fit warm-started from it.
 """
 
 from __future__ import annotations
 
 import warnings
 
+import joblib
 import numpy as np
 import torch
 from sklearn.base import clone
@@ -42,27 +49,58 @@ __all__ = ["tying_max", "locality_max"]
 _TINY = 1e-12  # returned when the gradient vanishes: the limit fits the data exactly
 
 
-def _reference_fit(estimator, X, y, sample_weight, overrides, constrain):
-    """Fit a clone with ``overrides`` and gradient masks from ``constrain``; return it and J's data."""
-    est = clone(estimator)
+def _reference_params(estimator, overrides: dict, *, tight: bool = True) -> dict:
+    """The parameters a reference fit changes: ``overrides``, the other non-smooth terms dropped.
+
+    ``tight``: a cold reference solved tightly (the condition is only as good
+    as its gradient); otherwise the estimator's own ``tol`` and ``max_iter``.
+    """
     params = {"channel_sparsity": 0.0, "sparsity": 0.0, "warm_start": False, "early_stopping": False,
               "threshold": 0.0, **overrides}
-    # a tight, full-batch reference solution: the condition is only as good as its gradient
-    if est.solver in ("auto", "fista", "lbfgs"):
-        params.update(solver="auto", tol=min(float(est.tol), 1e-7), max_iter=max(int(est.max_iter), 1000))
+    # a full-batch reference solution (L-BFGS: what is left of the objective is smooth)
+    if estimator.solver in ("auto", "fista", "lbfgs"):
+        params["solver"] = "auto"
+        if tight:
+            params.update(tol=min(float(estimator.tol), 1e-7), max_iter=max(int(estimator.max_iter), 1000))
+    return params
+
+
+def _reference_fit(estimator, X, y, sample_weight, overrides, constrain, *, warm_from=None):
+    """Fit a clone with ``overrides`` and gradient masks from ``constrain``; return it.
+
+    With ``warm_from`` (a fitted estimator) the fit starts from its network
+    (``_fit`` works on a copy, so ``warm_from`` is not modified) with its
+    ``tol`` and ``max_iter``, and every warning is silenced: the fit of
+    ``warm_from`` already reported on these data and parameters.
+    """
+    est = clone(estimator)
+    params = _reference_params(estimator, overrides, tight=warm_from is None)
+    if warm_from is not None:
+        names = est.get_params(deep=False)
+        est.__dict__.update({k: v for k, v in vars(warm_from).items() if k not in names})
+        params["warm_start"] = True
     est.set_params(**params)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
+        warnings.simplefilter("ignore", ConvergenceWarning if warm_from is None else Warning)
         est._fit(X, y, sample_weight, incremental=False, _constrain=constrain)
     return est
 
 
-def _gradients(est, X, y, sample_weight) -> list[torch.Tensor]:
-    """``∂J/∂d_p`` of the smooth part of ``J`` for each soft-conv layer, ``(L, F, K)``, masked."""
-    net = est.network_
+def _validated(est, X, y, sample_weight) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(X, y, sample_weight)`` as a fitted ``est`` sees them: images, encoded targets, weights."""
     Xi, _ = est._validate_X(X, reset=False)
     yi, _, _ = est._encode_targets(y, reset=False)
-    sw = est._validate_sample_weight(sample_weight, Xi)
+    return Xi, yi, est._validate_sample_weight(sample_weight, Xi)
+
+
+def _gradients(est, data) -> list[torch.Tensor]:
+    """``∂J/∂d_p`` of the smooth part of ``J`` for each soft-conv layer, ``(L, F, K)``, masked.
+
+    ``data`` is :func:`_validated`'s output: all samples with their weights
+    (the weighted mean equals the fit's, which merges duplicates).
+    """
+    net = est.network_
+    Xi, yi, sw = data
     param = next(net.parameters())
     dt, dev = param.dtype, param.device
     obj = Objective(
@@ -205,12 +243,30 @@ def tying_max(estimator, X, y, sample_weight=None) -> float:
 
     The conditions hold at the reference solution; a fit at ``tying``
     slightly above the value reaches exact zeros when it converges to the
-    same ``m`` (convex problems: one soft-conv layer, identity activation).
+    same ``m``, as it does warm-started from the CNN limit. The reference
+    problem is not convex even with one soft-conv layer and the identity
+    activation (the kernel multiplies the read-out), so a cold fit may reach
+    another stationary point, with its own value. After a fit, the fitted
+    attribute ``tying_max_`` is this quantity computed from the fit
+    (:func:`_fitted_tying_max`).
     """
-    est = _reference_fit(estimator, X, y, sample_weight, {"tying": 0.0, **_drop_nonsmooth_locality(estimator)},
-                         _freeze_deviations)
-    grads = _gradients(est, X, y, sample_weight)
-    penalty, graph = estimator.tying_penalty, estimator.tying_graph
+    est = _reference_fit(estimator, X, y, sample_weight, _tying_overrides(estimator), _freeze_deviations)
+    return _tying_max_at(est, _validated(est, X, y, sample_weight))
+
+
+def _tying_overrides(estimator) -> dict:
+    return {"tying": 0.0, **_drop_nonsmooth_locality(estimator)}
+
+
+def _tying_max_at(est, data) -> float:
+    """The condition of :func:`tying_max` at the fitted network of ``est``, a reference solution.
+
+    ``est`` is fitted with every deviation zero and everything else at a
+    stationary point of the smooth part of the objective (the CNN limit);
+    ``data`` is :func:`_validated`'s output.
+    """
+    grads = _gradients(est, data)
+    penalty, graph = est.tying_penalty, est.tying_graph
     value = 0.0
     for layer, G in zip(est.network_.soft_layers, grads):
         L = layer.n_positions
@@ -232,6 +288,64 @@ def tying_max(estimator, X, y, sample_weight=None) -> float:
             v = _l2_scale(v, layer)
         value = max(value, v)
     return _positive(value)
+
+
+def _is_reference_solution(est) -> bool:
+    """Whether a fitted estimator's network already solves :func:`tying_max`'s reference problem.
+
+    It does when every deviation is exactly zero, the fit converged (stopped
+    before ``max_iter``), saw all the data (no ``early_stopping``), snapped
+    nothing, and no non-smooth term other than tying was active: the
+    reference drops ``channel_sparsity``, ``sparsity`` and a non-smooth
+    locality, so kernels shrunk or pruned by them solve another problem.
+    """
+    if est.n_iter_ >= est.max_iter or est.early_stopping or est.n_snapped_:
+        return False
+    if any(not pen.smooth for _, pen in est.penalties_ if pen.strength != "tying"):
+        return False
+    with torch.no_grad():
+        return all(not layer.masked_deviation().any() for layer in est.network_.soft_layers)
+
+
+def _fitted_tying_max(est, X, y, sample_weight=None, cache=None) -> tuple[float, tuple | None]:
+    """``tying_max_`` of an estimator just fitted on ``(X, y, sample_weight)``, and its cache entry.
+
+    The quantity of :func:`tying_max`, obtained more cheaply:
+
+    * when the fit is itself a reference solution
+      (:func:`_is_reference_solution`: tied, converged, same objective) the
+      condition is evaluated on it directly, one gradient;
+    * otherwise a reference fit starts from the fitted network with the
+      deviations set and frozen at zero (the fitted shared kernels are
+      close to the tied solution), with the estimator's ``tol`` and
+      ``max_iter``, so it costs at most about one more fit;
+    * with ``warm_start``, ``cache`` (the previous fit's entry) is reused when
+      the data and the reference problem are the same: along a path over
+      ``tying`` only the first fit computes it.
+
+    The value is as accurate as the fit (its ``tol``), where
+    :func:`tying_max` solves a cold reference with ``tol <= 1e-7``. The
+    reference problem is not convex (the kernels multiply the read-out), so
+    both are conditions at *a* stationary point of it; they agree when they
+    reach the same one, e.g. along a warm-started path.
+    """
+    data = _validated(est, X, y, sample_weight)
+    key = None
+    if est.warm_start:
+        params = {**est.get_params(deep=False), **_reference_params(est, _tying_overrides(est), tight=False)}
+        for name in ("warm_start", "verbose"):  # they do not change the reference solution
+            params.pop(name)
+        key = joblib.hash((type(est).__name__, sorted(params.items()), data))
+        if cache is not None and cache[0] == key:
+            return cache[1], cache
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fit itself already reported on these data and parameters
+        if _is_reference_solution(est):
+            value = _tying_max_at(est, data)
+        else:
+            ref = _reference_fit(est, X, y, sample_weight, _tying_overrides(est), _freeze_deviations, warm_from=est)
+            value = _tying_max_at(ref, data)
+    return value, (key, value) if key is not None else None
 
 
 #: For ridge-type penalties: the path starts where the linearised largest deviation
@@ -257,9 +371,13 @@ def _positive(value: float) -> float:
     return float(value) if np.isfinite(value) and value > _TINY else _TINY
 
 
+#: locality penalties over nested rings (the locality profile is not used)
+_RINGS = ("rings", "full_rings")
+
+
 def _locality_weights(estimator, layer) -> torch.Tensor:
-    """Per kernel entry ``(K,)`` locality weights (the window profile for ``'rings'``); bias 0."""
-    profile = "window" if estimator.locality_penalty == "rings" else estimator.locality_profile
+    """Per kernel entry ``(K,)`` locality weights (the window profile for rings); bias 0."""
+    profile = "window" if estimator.locality_penalty in _RINGS else estimator.locality_profile
     g = locality_profile(layer, profile, power=estimator.locality_power, loco_gamma=estimator.loco_gamma,
                          loco_eta=estimator.loco_eta)
     return layer.offset_map(g, 0.0)
@@ -287,7 +405,7 @@ def locality_max(estimator, X, y, sample_weight=None) -> float:
 
     * ``'l1'``: :math:`L \max_{p,f,c,\delta: g(\delta)>0} |G_{p,f,c,\delta}| / g(\delta)`
       (exact: the weighted soft-threshold condition);
-    * ``'rings'``: :math:`L \max_{p,f} \|G_{p,f}(\text{outside the window})\|_2`,
+    * ``'rings'``, ``'full_rings'``: :math:`L \max_{p,f} \|G_{p,f}(\text{outside the window})\|_2`,
       an upper bound for zeroing everything outside the nominal window (the
       group of all those offsets alone certifies it);
     * ``'l2'``: the ``'l1'`` value turned into the strength at which the
@@ -310,7 +428,7 @@ def locality_max(estimator, X, y, sample_weight=None) -> float:
         return hooks
 
     est = _reference_fit(estimator, X, y, sample_weight, {"locality": 0.0}, constrain)
-    grads = _gradients(est, X, y, sample_weight)
+    grads = _gradients(est, _validated(est, X, y, sample_weight))
     value = 0.0
     for layer, G in zip(est.network_.soft_layers, grads):
         L = layer.n_positions
@@ -318,7 +436,7 @@ def locality_max(estimator, X, y, sample_weight=None) -> float:
         far = g > 0
         if not far.any():
             continue
-        if estimator.locality_penalty == "rings":
+        if estimator.locality_penalty in _RINGS:
             v = L * float(torch.linalg.vector_norm(G[..., far], dim=-1).max())
         else:
             v = L * float((G[..., far].abs() / g[far]).max())

@@ -96,7 +96,7 @@ def _linear(n_in: int, n_out: int, generator) -> nn.Linear:
     return lin
 
 
-def to_hard_cnn(net: SoftConvNet) -> nn.Sequential:
+def to_hard_cnn(net: SoftConvNet, *, odd_kernel_sizes: bool = False) -> nn.Sequential:
     """Replace every soft-conv layer by the ``nn.Conv2d`` of its mean kernel, pruned and cropped.
 
     Channels without any nonzero weight or bias are dropped (when the
@@ -106,8 +106,11 @@ def to_hard_cnn(net: SoftConvNet) -> nn.Sequential:
     kept channels (:func:`softcnn.diagnostics.kernel_sizes`), at most the
     nominal ``kernel_size``: weights outside the nominal window are dropped
     as before (exact when locality has zeroed them), and smaller learned
-    kernels (e.g. from ``locality_penalty='rings'``) give smaller convs.
-    Exact when, in addition, the kernels are tied (deviations zero).
+    kernels (e.g. from ``locality_penalty='rings'``) give smaller convs;
+    ``odd_kernel_sizes=True`` (``locality_penalty='full_rings'``) keeps
+    them centred windows of odd size (:func:`~softcnn.diagnostics.kernel_sizes`
+    with ``odd=True``). Exact when, in addition, the kernels are tied
+    (deviations zero).
     """
     from .diagnostics import _activation_keeps_zero, active_channels, kernel_sizes
 
@@ -119,7 +122,7 @@ def to_hard_cnn(net: SoftConvNet) -> nn.Sequential:
             keep = active_channels(m)
             if not _activation_keeps_zero(net, m) or not keep.any():
                 keep = np.ones_like(keep)  # constant nonzero outputs (or nothing left): keep all
-            sizes = kernel_sizes(m)[keep]
+            sizes = kernel_sizes(m, odd=odd_kernel_sizes)[keep]
             size = int(min(max(int(sizes.max()), 1), m.kernel_size))
             modules.extend(m.to_conv2d(size=size, out_channels=keep, in_channels=keep_in))
             keep_in, spatial = keep, m.output_shape

@@ -42,6 +42,7 @@ __all__ = [
     "LocalityL2",
     "LocalityL1",
     "LocalityRings",
+    "LocalityFullRings",
     "ChannelSparsity",
     "SparsityL1",
     "SparsityTL1",
@@ -94,6 +95,18 @@ class Penalty(ABC):
     strength: str = ""
     #: whether autograd can handle it (else the solver needs a prox)
     smooth: bool = True
+    #: whether its zeros make learned kernels centred windows of odd size: the kernel-size
+    #: diagnostics and the hard export then count sizes in those windows
+    odd_kernel_sizes: bool = False
+
+    @classmethod
+    def check_params(cls, params: Mapping) -> None:
+        """Raise ``ValueError`` if the estimator's parameters do not suit this penalty.
+
+        Called whenever the penalty is selected, even at strength 0, so a
+        setting that cannot work fails at every strength of a grid, not only
+        at the nonzero ones (default: nothing to check).
+        """
 
     @classmethod
     def from_params(cls, params: Mapping) -> Penalty:
@@ -491,18 +504,49 @@ class LocalityL1(_NonSmooth, _ProfiledPenalty):
         _write_tied(layer, _prox.soft_threshold(w, t, g), _prox.soft_threshold(layer.shared_kernel(), t, g))
 
 
-def ring_groups(layer: SoftConv2d) -> torch.Tensor:
+def ring_groups(layer: SoftConv2d, full: bool = False) -> torch.Tensor:
     """Nested ring groups of a layer's support, smallest first, as a boolean ``(N, Sh * Sw)``.
 
-    Group ``n`` holds the offsets outside the centred window of size
-    ``s_max - n`` (see :meth:`SoftConv2d.kernel_levels`): ``G_1`` is the
-    outermost half-ring, each next group adds the next half-ring inwards
-    (two half-rings make a full ring, so the windows of odd and even sizes
-    both occur), and the last group is the whole support.
+    Parameters
+    ----------
+    layer : SoftConv2d
+    full : bool, default=False
+        ``False``: half rings. Group ``n`` holds the offsets outside the
+        centred window of size ``s_max - n`` (see
+        :meth:`SoftConv2d.kernel_levels`): ``G_1`` is the outermost
+        half-ring, each next group adds the next half-ring inwards (two
+        half-rings make a full ring, so the windows of odd and even sizes
+        both occur), and the last group is the whole support.
+        ``True`` (odd ``kernel_size`` only): whole rings. The groups are the
+        offsets outside the centred windows of odd sizes ``…, 5, 3, 1`` and
+        the whole support, so each group adds a whole ring and only odd
+        windows are left. Offsets beyond the largest odd window (a support
+        with more offsets on one side, e.g. ``support - kernel_size`` odd)
+        form the first group.
+
+    Raises
+    ------
+    ValueError
+        With ``full=True`` and an even ``kernel_size``: its odd windows are
+        not centred on the nominal window.
     """
     levels = torch.as_tensor(layer.kernel_levels().ravel(), device=layer.mask.device)
-    sizes = sorted(set(levels.tolist()), reverse=True)  # s_max first
-    rows = [levels >= s for s in sizes]  # outside the window of size s - 1
+    if full:
+        if layer.kernel_size % 2 == 0:
+            raise ValueError(
+                f"Full rings need an odd kernel_size (odd windows centred on the nominal one), got "
+                f"kernel_size={layer.kernel_size}; use an odd kernel_size or half rings "
+                "(locality_penalty='rings')."
+            )
+        top = int(levels.max())
+        windows = [w for w in range(top - 1, -1, -1) if w % 2 == 1 or w == 0]
+    else:
+        windows = [s - 1 for s in sorted(set(levels.tolist()), reverse=True)]  # every level present
+    rows = []
+    for w in windows:  # outside the window of size w; skip repeats (sizes absent from the support)
+        row = levels > w
+        if row.any() and not (rows and torch.equal(row, rows[-1])):
+            rows.append(row)
     return torch.stack(rows) if rows else torch.zeros((0, levels.numel()), dtype=torch.bool)
 
 
@@ -518,8 +562,11 @@ class LocalityRings(_NonSmooth, _ProfiledPenalty):
     as ``d = w - m``.
     """
 
+    #: whole rings (:class:`LocalityFullRings`) or half rings
+    full = False
+
     def _groups(self, layer):
-        g = ring_groups(layer)
+        g = ring_groups(layer, full=self.full)
         return g.repeat(1, layer.in_channels)  # (N, C * Sh * Sw): channel-major like the kernel
 
     def layer_value(self, layer):
@@ -538,6 +585,33 @@ class LocalityRings(_NonSmooth, _ProfiledPenalty):
         m = layer.shared_kernel().clone()
         m[..., :-1] = _prox.nested_group_prox(m[..., :-1], t, groups, dim=-1)
         _write_tied(layer, new, m)
+
+
+@register("locality", "full_rings")
+class LocalityFullRings(LocalityRings):
+    r"""Nested full-ring group lasso (odd ``kernel_size``): :class:`LocalityRings` with whole rings.
+
+    The groups (:func:`ring_groups` with ``full=True``) are the offsets
+    outside the centred windows of odd sizes, so a kernel shrinks a whole
+    ring at a time, ``k + 4 → k + 2 → k → … → 1``, and every learned kernel
+    is a centred window of odd size, like an ``nn.Conv2d`` with
+    ``padding=k // 2``. Same prox (nested group soft thresholding, smallest
+    group first). An even ``kernel_size`` is refused: its odd windows are
+    not centred.
+    """
+
+    full = True
+    odd_kernel_sizes = True
+
+    @classmethod
+    def check_params(cls, params):
+        k = params.get("kernel_size")
+        if isinstance(k, numbers.Integral) and k % 2 == 0:
+            raise ValueError(
+                f"locality_penalty='full_rings' needs an odd kernel_size (its rings are centred on the "
+                f"nominal window), got kernel_size={k}; use an odd kernel_size, or "
+                "locality_penalty='rings' (half rings, any kernel size)."
+            )
 
 
 # ------------------------------------------------------------ sparsity
@@ -707,6 +781,7 @@ def make_penalties(params: Mapping) -> list[tuple[float, Penalty]]:
                 f"No penalty for {dict(zip(names, key))}; supported combinations of {names}: "
                 f"{supported_penalties(strength)}."
             )
+        table[key].check_params(params)
         if value > 0:
             out.append((float(value), table[key].from_params(params)))
     return out

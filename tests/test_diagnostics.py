@@ -81,3 +81,28 @@ def test_diagnostics_exist_after_a_smooth_fit():
     assert reg.n_active_channels_ == [2]
     assert reg.n_tied_positions_ == [0]
     assert reg.kernel_sizes_[0].tolist() == [7, 7]  # l2 fits: nothing exactly zero in the 7x7 support
+
+
+def test_odd_kernel_sizes_round_up_to_centred_odd_windows():
+    """Full rings count sizes in centred odd windows: a kernel on the centre and its right
+    neighbour is 2x2 in half rings but 3x3 in full rings, and the hard export follows."""
+    from softcnn.network import to_hard_cnn
+
+    net = SoftConvNet((1, 6, 6), (1,), 3, padding="same", support=7, activation="tanh", n_outputs=1,
+                      generator=torch.Generator().manual_seed(0)).double()
+    layer = net.soft_layers[0]
+    with torch.no_grad():
+        layer.shared.zero_()
+        layer.deviation.zero_()
+        c = 3 * 7 + 3  # the centre of the 7x7 support
+        layer.shared[0, c] = 1.0
+        layer.shared[0, c + 1] = -0.5
+    assert kernel_sizes(layer).tolist() == [2]
+    assert kernel_sizes(layer, odd=True).tolist() == [3]
+    assert structure(net, odd_kernel_sizes=True)["kernel_sizes"][0].tolist() == [3]
+    x = torch.randn(4, 1, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for odd, size in ((False, 2), (True, 3)):
+        hard = to_hard_cnn(net, odd_kernel_sizes=odd)
+        conv = next(m for m in hard if isinstance(m, torch.nn.Conv2d))
+        assert conv.kernel_size == (size, size)
+        torch.testing.assert_close(hard(x), net(x))  # both windows hold every nonzero weight
