@@ -94,14 +94,17 @@ class StackedProblem:
         device = objectives[0].X.device
         self.vectorize = device.type != "cpu" if vectorize is None else bool(vectorize)
         self._rows = [NetProblem(o, [p for p in o.net.parameters() if p.requires_grad]) for o in objectives]
+        if self.vectorize:  # one model after the other needs none of the stacked copies
+            self._stack(objectives)
+
+    def _stack(self, objectives: Sequence[Objective]) -> None:
         template = objectives[0].net
         self._names = [n for n, p in template.named_parameters() if p.requires_grad]
         self._shapes = [p.shape for n, p in template.named_parameters() if p.requires_grad]
         # buffers that differ between models (the preconditioner scales) are stacked
         buffers = [dict(o.net.named_buffers()) for o in objectives]
-        self._buffer_names = [n for n, b in buffers[0].items()
-                              if any(not torch.equal(b, other[n]) for other in buffers[1:])]
-        self._buffers = {n: torch.stack([b[n] for b in buffers]) for n in self._buffer_names}
+        names = [n for n, b in buffers[0].items() if any(not torch.equal(b, other[n]) for other in buffers[1:])]
+        self._buffers = {n: torch.stack([b[n] for b in buffers]) for n in names}
         n_max = max(o.n_samples for o in objectives)
         self.X = torch.stack([_pad(o.X, n_max) for o in objectives])
         self.y = torch.stack([_pad(o.y, n_max) for o in objectives])
@@ -110,11 +113,10 @@ class StackedProblem:
         for o in objectives:
             for _, pen in o.smooth_penalties:
                 kinds.setdefault(type(pen), pen)
-        pens = list(kinds.values())
         strengths = [[dict((type(p), s) for s, p in o.smooth_penalties).get(k, 0.0) for k in kinds] + [0.0]
                      for o in objectives]  # the extra 0 keeps the tensor 2-D without penalties
         self.strengths = torch.tensor(strengths, dtype=self.X.dtype, device=self.X.device)
-        self._module = _SmoothObjective(template, objectives[0].loss, pens)
+        self._module = _SmoothObjective(template, objectives[0].loss, list(kinds.values()))
         self._value_and_grad = vmap(grad_and_value(self._member))
 
     @property
