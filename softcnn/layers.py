@@ -14,15 +14,17 @@ a position does not exist there.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SoftConv2d", "AxisGeometry", "axis_geometry"]
+__all__ = ["AxisGeometry", "SoftConv2d", "axis_geometry", "choose_tile", "tile_macs"]
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,100 @@ def axis_geometry(size: int, kernel_size: int, stride: int, padding: str, suppor
     return AxisGeometry(size, kernel_size, stride, n_out, pad_before, pad_after, lo, hi - lo + 1)
 
 
+#: Formulations of :class:`SoftConv2d` (see its ``formulation`` parameter).
+FORMULATIONS = ("auto", "tiled", "unfold", "dense")
+#: :func:`choose_tile` models a tile's matmul with ``Q`` output columns (positions x channels
+#: of the tile) as running at ``Q / (Q + TILE_HALF_RATE_COLUMNS)`` of the peak rate: narrow
+#: products are slow (fitted on ``benchmarks/bench_layer.py --sweep``, see its README section).
+TILE_HALF_RATE_COLUMNS = 64
+
+
+@dataclass(frozen=True)
+class _AxisTiles:
+    """One axis of the tiling: ``n_tiles`` tiles of ``length`` outputs, each reading ``patch`` rows.
+
+    The input, padded by ``pad_before``/``pad_after`` (negative: cropped), holds
+    the patch of tile ``t`` at rows ``[t step, t step + patch)``. ``offset``
+    ``(n_tiles, length, patch)`` is the support offset index (``0..S-1``)
+    reaching each patch row from each output of the tile, ``valid`` whether
+    it is one (in the support and in the image).
+    """
+
+    n_tiles: int
+    length: int
+    patch: int
+    step: int
+    pad_before: int
+    pad_after: int
+    offset: np.ndarray
+    valid: np.ndarray
+
+
+def _patch_length(g: AxisGeometry, length: int) -> int:
+    """Rows read by a tile of ``length`` outputs; one tile reads only the rows in the image."""
+    if length == g.n_out:
+        a = g.anchors()
+        return min(a[-1] + g.lo + g.extent, g.size) - max(a[0] + g.lo, 0)
+    return (length - 1) * g.stride + g.extent
+
+
+def _axis_tiles(g: AxisGeometry, length: int) -> _AxisTiles:
+    n_tiles = g.n_out // length
+    a = g.anchors()
+    patch = _patch_length(g, length)
+    if n_tiles == 1:
+        step, starts = patch, np.array([max(a[0] + g.lo, 0)])
+    else:
+        step = length * g.stride
+        starts = a[0] + g.lo + step * np.arange(n_tiles)
+    rows = starts[:, None, None] + np.arange(patch)[None, None, :]
+    offset = rows - a.reshape(n_tiles, length)[:, :, None] - g.lo
+    valid = (offset >= 0) & (offset < g.extent) & (rows >= 0) & (rows < g.size)
+    return _AxisTiles(n_tiles, length, patch, step, int(-starts[0]), int(starts[-1] + patch - g.size),
+                      np.where(valid, offset, 0), valid)
+
+
+def tile_macs(gh: AxisGeometry, gw: AxisGeometry, in_channels: int, out_channels: int,
+              tile_shape: tuple[int, int]) -> int:
+    """Multiply-adds per sample of the tiled forward with tiles of ``tile_shape`` outputs (bias excluded)."""
+    th, tw = tile_shape
+    tiles = (gh.n_out // th) * (gw.n_out // tw)
+    return tiles * in_channels * _patch_length(gh, th) * _patch_length(gw, tw) * th * tw * out_channels
+
+
+def choose_tile(gh: AxisGeometry, gw: AxisGeometry, in_channels: int, out_channels: int,
+                formulation: str = "auto") -> tuple[int, int]:
+    """Tile shape ``(th, tw)`` of a formulation; for ``'auto'``/``'tiled'`` the measured rule.
+
+    Among the tiles whose sides divide the output shape, the one with the
+    least modelled time ``MACs x (1 + TILE_HALF_RATE_COLUMNS / Q)``, fewer
+    tiles on ties: ``MACs`` (:func:`tile_macs`) grows with the tile, as a
+    patch larger than the support multiplies zeros, while the matmul's
+    width ``Q = th tw F`` buys speed (:data:`TILE_HALF_RATE_COLUMNS`). For
+    ``support='full'`` the whole output (``'dense'``) always wins: it has
+    the fewest multiply-adds, no zeros. On the CPU this picks a tile within
+    a few percent of the fastest in ``benchmarks/bench_layer.py --sweep``
+    (at worst 1.25x, on 8x8 images where a pass takes 3 ms).
+    """
+    if formulation == "unfold":
+        return (1, 1)
+    if formulation == "dense":
+        return (gh.n_out, gw.n_out)
+    best, best_key = None, None
+    for th in _divisors(gh.n_out):
+        for tw in _divisors(gw.n_out):
+            q = th * tw * out_channels
+            tiles = (gh.n_out // th) * (gw.n_out // tw)
+            cost = Fraction(tile_macs(gh, gw, in_channels, out_channels, (th, tw)) * (q + TILE_HALF_RATE_COLUMNS), q)
+            if best_key is None or (cost, tiles) < best_key:
+                best, best_key = (th, tw), (cost, tiles)
+    return best
+
+
+def _divisors(m: int) -> list[int]:
+    return [d for d in range(1, m + 1) if m % d == 0]
+
+
 class SoftConv2d(nn.Module):
     r"""Locally connected 2-D layer whose units may share, or not, their kernels.
 
@@ -122,10 +218,22 @@ class SoftConv2d(nn.Module):
     padding : {'valid', 'same'}, default='valid'
     support : int or 'full', default='full'
         ``S x S`` window centred on the nominal window, or the whole image.
-    formulation : {'auto', 'unfold', 'dense'}, default='auto'
-        ``'unfold'``: batched matmul over unfolded patches; ``'dense'``: one
-        GEMM with a gathered dense weight matrix (best when the support covers
-        most of the image). ``'auto'`` picks by the share of the image covered.
+    formulation : {'auto', 'tiled', 'unfold', 'dense'}, default='auto'
+        How the forward pass is computed; every choice gives the same outputs
+        and gradients. The output positions are cut into rectangular *tiles*;
+        each tile is one matrix product of the input patch it reads (the
+        pixels its positions reach) with a weight block gathered from the
+        kernels through precomputed index maps (zero where an offset does not
+        exist or falls outside the tile's positions' support), and the tiles
+        are one batched matmul. ``'unfold'``: one position per tile (a batched
+        matmul over unfolded ``Sh x Sw`` patches); ``'dense'``: one tile of
+        every position (one GEMM with a dense ``(L F, C H W)`` weight, the
+        right choice when the support covers the image); ``'tiled'`` and
+        ``'auto'``: the tile shape chosen by :func:`choose_tile` (the
+        fewest multiply-adds, weighted by a model of the matmul's speed
+        fitted in ``benchmarks/bench_layer.py --sweep``; ``'dense'`` for
+        ``support='full'``). The attribute ``formulation`` then names the
+        extreme the chosen tile is, if it is one.
     generator : torch.Generator, optional
         Source of randomness for the initial shared kernel.
     dtype, device : optional
@@ -140,6 +248,10 @@ class SoftConv2d(nn.Module):
         starts as a CNN.
     mask : Tensor of shape (L, K)
         ``True`` where the offset exists at the position.
+    formulation : {'tiled', 'unfold', 'dense'}
+        The formulation used (``'auto'`` resolved).
+    tile_shape : tuple of int
+        Output positions per tile ``(th, tw)``.
     """
 
     def __init__(
@@ -169,11 +281,10 @@ class SoftConv2d(nn.Module):
         self.output_shape = (self.gh.n_out, self.gw.n_out)
         L = self.gh.n_out * self.gw.n_out
         K = in_channels * Sh * Sw + 1
-        if formulation == "auto":
-            formulation = "dense" if 2 * Sh * Sw >= H * W else "unfold"
-        if formulation not in ("unfold", "dense"):
-            raise ValueError(f"formulation must be 'auto', 'unfold' or 'dense', got {formulation!r}.")
-        self.formulation = formulation
+        if formulation not in FORMULATIONS:
+            raise ValueError(
+                f"formulation must be 'auto', 'tiled', 'unfold' or 'dense', got {formulation!r}."
+            )
 
         factory = {"dtype": dtype, "device": device}
         self.shared = nn.Parameter(torch.zeros(out_channels, K, **factory))
@@ -189,8 +300,7 @@ class SoftConv2d(nn.Module):
         self.register_buffer("mask", torch.as_tensor(mask, device=device), persistent=False)
         win = np.outer(self.gh.in_window(), self.gw.in_window()).ravel()
         self.register_buffer("window", torch.as_tensor(win, device=device), persistent=False)
-        if formulation == "dense":
-            self._build_dense_index(device)
+        self._build_tiles(formulation, device)
         self.reset_parameters(generator)
 
     # ------------------------------------------------------------------ init
@@ -207,21 +317,47 @@ class SoftConv2d(nn.Module):
             self.shared.copy_(u.to(self.shared))
             self.deviation.zero_()
 
-    def _build_dense_index(self, device) -> None:
-        # For each position and pixel: index of the offset reaching it (or -1).
-        gh, gw = self.gh, self.gw
-        oh = np.arange(gh.size)[None, :] - gh.anchors()[:, None] - gh.lo  # (Lh, H)
-        ow = np.arange(gw.size)[None, :] - gw.anchors()[:, None] - gw.lo  # (Lw, W)
-        vh = (oh >= 0) & (oh < gh.extent)
-        vw = (ow >= 0) & (ow < gw.extent)
-        idx = oh[:, None, :, None] * gw.extent + ow[None, :, None, :]
-        valid = vh[:, None, :, None] & vw[None, :, None, :]
-        L = gh.n_out * gw.n_out
-        idx = np.where(valid, idx, 0).reshape(L, -1)
-        self.register_buffer("_dense_idx", torch.as_tensor(idx, device=device), persistent=False)
-        self.register_buffer(
-            "_dense_valid", torch.as_tensor(valid.reshape(L, -1), device=device), persistent=False
-        )
+    def _build_tiles(self, formulation: str, device=None, tile_shape: tuple[int, int] | None = None) -> None:
+        """Set the formulation and the tiles' index maps (buffers, not saved in the state dict).
+
+        ``_tile_index`` ``(Th, Tw, th, tw, 1, P + 1)``: for each output position
+        of each tile (grouped by tile) and each entry of the tile's patch
+        (``P = C ph pw``), then its bias, the kernel entry in ``0..K-1`` that
+        multiplies it (0 where none does); ``_tile_valid``: where one does.
+        """
+        if tile_shape is None:
+            tile_shape = choose_tile(self.gh, self.gw, self.in_channels, self.out_channels, formulation)
+        th, tw = tile_shape
+        if self.gh.n_out % th or self.gw.n_out % tw:
+            raise ValueError(f"tile_shape {tile_shape} must divide the output shape {self.output_shape}.")
+        ah, aw = _axis_tiles(self.gh, th), _axis_tiles(self.gw, tw)
+        # One tile and the full support: the shared part of the block is a Toeplitz matrix, the
+        # windows of the flipped kernel (see _tile_weights); patches then hold the image flipped.
+        self._toeplitz = all(a.n_tiles == 1 and g.extent == g.size + (g.n_out - 1) * g.stride
+                             for a, g in ((ah, self.gh), (aw, self.gw)))
+        if self._toeplitz:
+            ah, aw = (dataclasses.replace(a, offset=a.offset[..., ::-1], valid=a.valid[..., ::-1]) for a in (ah, aw))
+        Sh, Sw = self.support_shape
+        C = self.in_channels
+        K = C * Sh * Sw + 1
+        # (Th, Tw, th, tw, ph, pw): offset index in the Sh x Sw support, and whether it exists
+        off = ah.offset[:, None, :, None, :, None] * Sw + aw.offset[None, :, None, :, None, :]
+        ok = ah.valid[:, None, :, None, :, None] & aw.valid[None, :, None, :, None, :]
+        off = off[..., None, :, :] + (np.arange(C) * Sh * Sw)[:, None, None]  # channel-major like K
+        ok = np.broadcast_to(ok[..., None, :, :], off.shape)
+        head = off.shape[:4]
+        off = np.concatenate([off.reshape(*head, 1, -1), np.full((*head, 1, 1), K - 1)], axis=-1)
+        ok = np.concatenate([ok.reshape(*head, 1, -1), np.ones((*head, 1, 1), dtype=bool)], axis=-1)
+        self.tile_shape = (th, tw)
+        self._tiles = (ah, aw)
+        if (th, tw) == (1, 1):
+            self.formulation = "unfold"
+        elif (th, tw) == self.output_shape:
+            self.formulation = "dense"
+        else:
+            self.formulation = "tiled"
+        self.register_buffer("_tile_index", torch.as_tensor(np.where(ok, off, 0), device=device), persistent=False)
+        self.register_buffer("_tile_valid", torch.as_tensor(ok.copy(), device=device), persistent=False)
 
     # ----------------------------------------------------------------- views
     @property
@@ -332,38 +468,75 @@ class SoftConv2d(nn.Module):
     # --------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
-        L, Fo, K = self.deviation.shape
-        w = self.kernels()
-        weight, bias = w[..., :-1], w[..., -1]  # (L, F, K-1), (L, F)
-        if self.formulation == "dense":
-            Sh, Sw = self.support_shape
-            C = self.in_channels
-            wk = weight.reshape(L, Fo, C, Sh * Sw)
-            idx = self._dense_idx.unsqueeze(1).unsqueeze(1).expand(L, Fo, C, -1)
-            dense = wk.gather(-1, idx) * self._dense_valid.unsqueeze(1).unsqueeze(1)
-            out = x.reshape(n, -1) @ dense.reshape(L * Fo, -1).T  # (n, L*F)
-            out = out.reshape(n, L, Fo) + bias
-        else:
-            cols = self._unfold(x)  # (n, K-1, L)
-            out = torch.bmm(cols.permute(2, 0, 1), weight.transpose(1, 2))  # (L, n, F)
-            out = out.permute(1, 0, 2) + bias
-        return out.permute(0, 2, 1).reshape(n, Fo, *self.output_shape)
+        ah, aw = self._tiles
+        Th, Tw, th, tw = ah.n_tiles, aw.n_tiles, ah.length, aw.length
+        Lh, Lw = self.output_shape
+        Fo = self.out_channels
+        block = self._tile_weights()  # (T, Q, P + 1), Q = th tw F, the bias last
+        cols = self._patches(x)  # (T, n, P + 1), a column of ones last
+        if Th * Tw == 1:
+            out = cols[0].mm(block[0].T)  # (n, Lh Lw F)
+            return out.view(n, Lh, Lw, Fo).permute(0, 3, 1, 2)
+        out = torch.bmm(cols, block.transpose(1, 2))  # (T, n, Q)
+        out = out.view(Th, Tw, n, th, tw, Fo).permute(2, 0, 3, 1, 4, 5).reshape(n, Lh, Lw, Fo)
+        return out.permute(0, 3, 1, 2)  # channels-last strides, as the reshape of a GEMM's output
 
-    def _unfold(self, x: torch.Tensor) -> torch.Tensor:
-        gh, gw = self.gh, self.gw
-        pads = []
-        for g in (gw, gh):  # F.pad takes the last axis first
-            before = g.pad_before - g.lo
-            after = (g.n_out - 1) * g.stride + g.extent - g.size - before
-            pads += [before, after]
-        x = F.pad(x, pads)  # negative values crop: offsets that never exist
-        return F.unfold(x, (gh.extent, gw.extent), stride=(gh.stride, gw.stride))
+    def _tile_weights(self) -> torch.Tensor:
+        """Weight blocks ``(T, th tw F, P + 1)`` of the tiles, bias last, gathered from ``m`` and ``d``.
+
+        Entry ``(t, (i, j, f), e)`` is ``w_{p, f, k}`` for the position ``p``
+        at ``(i, j)`` in tile ``t`` and the kernel entry ``k`` that multiplies
+        patch entry ``e`` there, or 0 where no offset does. Read straight from
+        the parameters: no ``(L, F, K)`` intermediate (``kernels()``), whose
+        ``K`` is about ``4 C H W`` for ``support='full'``.
+        """
+        ah, aw = self._tiles
+        Th, Tw, th, tw = ah.n_tiles, aw.n_tiles, ah.length, aw.length
+        _, Fo, K = self.deviation.shape
+        index, valid = self._tile_index, self._tile_valid
+        E = index.shape[-1]
+        dev = self.deviation.view(Th, th, Tw, tw, Fo, K).permute(0, 2, 1, 3, 4, 5)
+        d = dev.gather(5, index.expand(Th, Tw, th, tw, Fo, E))
+        lookup = torch.where(valid, index, K)  # K: a zero appended to the kernels
+        scale = F.pad(self.deviation_scale, (0, 1))[lookup]
+        block = d.mul_(scale)  # in place: the gather does not need its output for the backward
+        m = self.shared_kernel()
+        if self._toeplitz:
+            # position (i, j) reads the kernel window starting at offset ((Lh-1-i) s, (Lw-1-j) s):
+            # the windows of the flipped kernel, pixels in reverse order (as the patches)
+            (H, W), (Sh, Sw), C = self.input_shape, self.support_shape, self.in_channels
+            windows = m[:, :-1].reshape(Fo, C, Sh, Sw).flip(2, 3).unfold(2, H, self.gh.stride)
+            windows = windows.unfold(3, W, self.gw.stride)  # (F, C, Lh, Lw, H, W)
+            block[..., :-1].view(th, tw, Fo, C, H, W).add_(windows.permute(2, 3, 0, 1, 4, 5))
+            block[..., -1].add_(m[:, -1])
+        else:
+            shared = F.pad(m, (0, 1)).T[lookup.view(Th, Tw, th, tw, E)]  # (..., E, F)
+            block.add_(shared.transpose(-1, -2))
+        return block.view(Th * Tw, th * tw * Fo, E)
+
+    def _patches(self, x: torch.Tensor) -> torch.Tensor:
+        """Input patches of the tiles and a column of ones (for the bias): ``(T, n, C ph pw + 1)``."""
+        ah, aw = self._tiles
+        pads = (aw.pad_before, aw.pad_after, ah.pad_before, ah.pad_after)
+        if any(pads):
+            x = F.pad(x, pads)  # negative values crop: rows no tile reads
+        if self._toeplitz:
+            x = x.flip(2, 3)
+        n = x.shape[0]
+        T = ah.n_tiles * aw.n_tiles
+        if T == 1:
+            cols = x.reshape(1, n, -1)
+        else:
+            v = x.unfold(2, ah.patch, ah.step).unfold(3, aw.patch, aw.step)  # (n, C, Th, Tw, ph, pw)
+            cols = v.permute(2, 3, 0, 1, 4, 5).reshape(T, n, -1)
+        return torch.cat([cols, cols.new_ones(T, n, 1)], dim=2)
 
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
             f"input_shape={self.input_shape}, stride={self.stride}, padding={self.padding!r}, "
-            f"support={self.support!r} -> {self.support_shape}, formulation={self.formulation!r}"
+            f"support={self.support!r} -> {self.support_shape}, formulation={self.formulation!r}, "
+            f"tile_shape={self.tile_shape}"
         )
 
     # ---------------------------------------------------------------- export

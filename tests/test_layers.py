@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from softcnn.layers import SoftConv2d, axis_geometry
+from softcnn.layers import TILE_HALF_RATE_COLUMNS, SoftConv2d, axis_geometry, choose_tile, tile_macs
 
 GEOMETRIES = [
     # (C, F, H, W, k, stride, padding, support)
@@ -52,7 +52,7 @@ def random_layer(C, F, H, W, k, stride, padding, support, formulation, seed=0):
     return layer
 
 
-@pytest.mark.parametrize("formulation", ["unfold", "dense"])
+@pytest.mark.parametrize("formulation", ["unfold", "dense", "tiled", "auto"])
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 def test_forward_matches_brute_force(geometry, formulation):
     C, F, H, W, k, stride, padding, support = geometry
@@ -151,3 +151,142 @@ def test_float32_formulations_agree():
     dense.load_state_dict(layer.state_dict())
     x = torch.randn(5, 1, 8, 8)
     np.testing.assert_allclose(layer(x).detach().numpy(), dense(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------ formulations
+def reference_unfold(layer: SoftConv2d, x: torch.Tensor) -> torch.Tensor:
+    """The original 'unfold' formulation: F.unfold patches, one bmm over positions, on ``kernels()``."""
+    n = x.shape[0]
+    gh, gw = layer.gh, layer.gw
+    w = layer.kernels()
+    weight, bias = w[..., :-1], w[..., -1]
+    pads = []
+    for g in (gw, gh):
+        before = g.pad_before - g.lo
+        pads += [before, (g.n_out - 1) * g.stride + g.extent - g.size - before]
+    cols = nn.functional.unfold(nn.functional.pad(x, pads), layer.support_shape, stride=(gh.stride, gw.stride))
+    out = torch.bmm(cols.permute(2, 0, 1), weight.transpose(1, 2)).permute(1, 0, 2) + bias
+    return out.permute(0, 2, 1).reshape(n, layer.out_channels, *layer.output_shape)
+
+
+def reference_dense(layer: SoftConv2d, x: torch.Tensor) -> torch.Tensor:
+    """The original 'dense' formulation: ``kernels()`` gathered into a dense (L F, C H W) weight, one GEMM."""
+    n, C = x.shape[:2]
+    gh, gw = layer.gh, layer.gw
+    L, Fo, K = layer.deviation.shape
+    Sh, Sw = layer.support_shape
+    oh = np.arange(gh.size)[None, :] - gh.anchors()[:, None] - gh.lo
+    ow = np.arange(gw.size)[None, :] - gw.anchors()[:, None] - gw.lo
+    vh, vw = (oh >= 0) & (oh < Sh), (ow >= 0) & (ow < Sw)
+    valid = torch.as_tensor((vh[:, None, :, None] & vw[None, :, None, :]).reshape(L, -1))
+    idx = torch.as_tensor(np.where(valid.numpy(), (oh[:, None, :, None] * Sw + ow[None, :, None, :]).reshape(L, -1), 0))
+    w = layer.kernels()
+    wk = w[..., :-1].reshape(L, Fo, C, Sh * Sw)
+    dense = wk.gather(-1, idx[:, None, None].expand(L, Fo, C, -1)) * valid[:, None, None]
+    out = (x.reshape(n, -1) @ dense.reshape(L * Fo, -1).T).reshape(n, L, Fo) + w[..., -1]
+    return out.permute(0, 2, 1).reshape(n, Fo, *layer.output_shape)
+
+
+def tile_shapes(layer):
+    Lh, Lw = layer.output_shape
+    return [(a, b) for a in range(1, Lh + 1) if Lh % a == 0 for b in range(1, Lw + 1) if Lw % b == 0]
+
+
+def outputs_and_grads(layer, fn, x, g):
+    out = fn(x)
+    grads = torch.autograd.grad(out, [x, layer.shared, layer.deviation], g)
+    return [out, *grads]
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES + [(2, 3, 8, 8, 5, 1, "same", 9), (1, 2, 9, 6, 3, 3, "same", 5)])
+def test_every_tile_shape_matches_the_original_formulations(geometry):
+    """Outputs and gradients (input, m, d) of every tiling equal the original unfold and dense code."""
+    C, F, H, W, k, stride, padding, support = geometry
+    layer = random_layer(*geometry, "auto")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # non-trivial preconditioner scales
+        layer.shared_scale.uniform_(0.5, 2.0, generator=g)
+        layer.deviation_scale.uniform_(0.5, 2.0, generator=g)
+    x = torch.randn(3, C, H, W, dtype=torch.float64, generator=g, requires_grad=True)
+    grad_out = torch.randn(3, F, *layer.output_shape, dtype=torch.float64, generator=g)
+    expected = outputs_and_grads(layer, lambda x: reference_unfold(layer, x), x, grad_out)
+    for got in outputs_and_grads(layer, lambda x: reference_dense(layer, x), x, grad_out), :
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    for shape in tile_shapes(layer):
+        layer._build_tiles("tiled", tile_shape=shape)
+        got = outputs_and_grads(layer, layer, x, grad_out)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+        # absent offsets get no gradient, as with kernels()
+        assert torch.all(got[3][~layer.mask.unsqueeze(1).expand_as(layer.deviation)] == 0)
+
+
+def test_formulation_names_are_kept():
+    """'unfold' and 'dense' are the extreme tilings; 'auto' names the one it picks when it is one."""
+    unfold = SoftConv2d(1, 8, 5, (28, 28), padding="same", support=9, formulation="unfold")
+    dense = SoftConv2d(1, 8, 5, (28, 28), padding="same", support=9, formulation="dense")
+    auto = SoftConv2d(1, 8, 5, (28, 28), padding="same", support=9)
+    full = SoftConv2d(1, 8, 5, (28, 28), padding="same", support="full")
+    assert (unfold.formulation, unfold.tile_shape) == ("unfold", (1, 1))
+    assert (dense.formulation, dense.tile_shape) == ("dense", (28, 28))
+    assert auto.formulation == "tiled" and auto.tile_shape == (4, 4)
+    assert (full.formulation, full.tile_shape) == ("dense", (28, 28))
+    assert "tile_shape=(4, 4)" in repr(auto)
+    with pytest.raises(ValueError, match="divide"):
+        auto._build_tiles("tiled", tile_shape=(3, 4))
+
+
+def test_auto_tile_rule():
+    """The least MACs x (1 + 64 / Q), Q = th tw F the matmul's width (ties: fewer tiles)."""
+    gh = axis_geometry(28, 5, 1, "same", 9)
+    assert choose_tile(gh, gh, 1, 8) == (4, 4)
+    assert choose_tile(gh, gh, 1, 8, "unfold") == (1, 1) and choose_tile(gh, gh, 1, 8, "dense") == (28, 28)
+    full = axis_geometry(28, 5, 1, "same", "full")
+    assert choose_tile(full, full, 1, 8) == (28, 28)
+    small = axis_geometry(8, 5, 1, "same", 9)
+    assert choose_tile(small, small, 1, 8) == (8, 8)
+    for F in (1, 8, 32):
+        shapes = [(a, b) for a in range(1, 29) if 28 % a == 0 for b in range(1, 29) if 28 % b == 0]
+        cost = {s: tile_macs(gh, gh, 2, F, s) * (1 + TILE_HALF_RATE_COLUMNS / (s[0] * s[1] * F)) for s in shapes}
+        assert cost[choose_tile(gh, gh, 2, F)] == pytest.approx(min(cost.values()))
+    # full support with a one-tile patch: the image, C H W multiply-adds per position and channel
+    assert tile_macs(full, full, 1, 8, (28, 28)) == 28 * 28 * 8 * 28 * 28
+
+
+def test_tiles_do_not_build_the_kernels_tensor():
+    """The weight blocks are read from m and d directly: no (L, F, K) intermediate in the forward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Sizes(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and func is not torch.ops.aten.detach.default:
+                if out.untyped_storage().data_ptr() != layer.deviation.untyped_storage().data_ptr():
+                    Sizes.largest = max(Sizes.largest, out.numel())
+            return out
+
+    layer = SoftConv2d(1, 4, 3, (12, 12), padding="same", support="full", dtype=torch.float64)
+    x = torch.randn(2, 1, 12, 12, dtype=torch.float64)
+    with Sizes():
+        layer(x)
+    L, F, K = layer.deviation.shape
+    assert Sizes.largest <= L * F * (12 * 12 + 1) < L * F * K
+
+
+@pytest.mark.parametrize("formulation", ["unfold", "tiled", "dense"])
+def test_forward_under_vmap_over_stacked_parameters(formulation):
+    """torch.func.vmap over models (softcnn.batched stacks them this way) gives each model's output."""
+    from torch.func import functional_call, vmap
+
+    layer = random_layer(2, 3, 8, 8, 3, 1, "same", 5, formulation)
+    g = torch.Generator().manual_seed(4)
+    shared = torch.randn(2, *layer.shared.shape, dtype=torch.float64, generator=g)
+    deviation = torch.randn(2, *layer.deviation.shape, dtype=torch.float64, generator=g)
+    x = torch.randn(2, 3, 2, 8, 8, dtype=torch.float64, generator=g)
+    out = vmap(lambda s, d, xb: functional_call(layer, {"shared": s, "deviation": d}, (xb,)))(shared, deviation, x)
+    for i in range(2):
+        expected = functional_call(layer, {"shared": shared[i], "deviation": deviation[i]}, (x[i],))
+        torch.testing.assert_close(out[i], expected, rtol=0, atol=1e-10)

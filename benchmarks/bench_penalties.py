@@ -1,0 +1,168 @@
+"""Cost of every registered penalty against one training step.
+
+The network is the estimators' ``SoftConvNet`` (one soft-conv layer, ReLU, read-out to 10
+classes) on 28x28x1 images, k = 5, F = 8, in float32 (what Adam/SGD fit in), for
+support k + 4 and 'full'. One *training step* is forward + backward + ``Adam.step`` on a
+batch of 128. For every penalty in the registry (``softcnn.penalties.supported_penalties``)
+it times what a step adds:
+
+* a smooth penalty: its ``value`` plus the backward of that value (autograd);
+* a non-smooth penalty: its ``prox_net`` (applied after every step); its ``value`` (no
+  gradient) is also shown, though the solvers compute it once per epoch, not per step.
+
+Each cost is printed as a percentage of the step (target: <= 10% each) with the sum over
+all penalties. Times are the best of ``--repeats`` (more while under 0.2 s) after a first
+call, or that first call alone when it takes over 0.5 s (not for the step); the
+deviations are set to small random values first (a zero ``d`` makes some proxes trivial),
+and the parameters are restored before every timed prox.
+
+    python benchmarks/bench_penalties.py [--batch 128] [--repeats 5] [--threads 1 --clock cpu] [--supports 9]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+
+from softcnn import SoftConvClassifier
+from softcnn.network import SoftConvNet
+from softcnn.penalties import make_penalties, supported_penalties
+
+#: the estimator parameters naming each strength's options (the registry's keys)
+OPTIONS = {
+    "tying": ("tying_penalty", "tying_graph"),
+    "locality": ("locality_penalty",),
+    "sparsity": ("sparsity_penalty",),
+    "channel_sparsity": (),
+    "alpha": (),
+}
+STRENGTH = 0.1
+LEARNING_RATE = 1e-3
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def best_time(fn, repeats, clock, setup=None, min_time=0.2, max_repeats=50, slow=0.5, warm_up=False):
+    """Best of ``repeats`` timed calls after a first call; a first call slower than ``slow`` s is
+    the only one (the TV proxes take minutes at 'full'), unless ``warm_up`` (the first call sets
+    up state, like Adam's moments): then it is not timed."""
+    if setup:
+        setup()
+    t0 = clock()
+    fn()
+    first = clock() - t0
+    if first > slow and not warm_up:
+        return first
+    times, start = [], time.perf_counter()
+    while len(times) < repeats or (time.perf_counter() - start < min_time and len(times) < max_repeats):
+        if setup:
+            setup()
+        t0 = clock()
+        fn()
+        times.append(clock() - t0)
+    return min(times)
+
+
+def every_penalty():
+    """``(name, Penalty)`` for every registered option of every strength, from default estimator params."""
+    base = SoftConvClassifier().get_params()
+    for strength, names in OPTIONS.items():
+        for key in supported_penalties(strength):
+            params = {**base, **{s: 0.0 for s in OPTIONS}, strength: STRENGTH, **dict(zip(names, key))}
+            (_, pen), = make_penalties(params)
+            yield f"{strength}" + (f" {'/'.join(key)}" if key else ""), pen
+
+
+def run_support(support, X, y, gen, args, clock) -> dict:
+    """Print the step's and every penalty's cost for one support; return each penalty's share of the step."""
+    net = SoftConvNet((1, 28, 28), (8,), 5, padding="same", support=support, n_outputs=10,
+                      generator=torch.Generator().manual_seed(0)).float()
+    layer = net.soft_layers[0]
+    with torch.no_grad():
+        layer.deviation.normal_(0.0, 0.01, generator=gen)
+    params = list(net.parameters())
+    opt = torch.optim.Adam(params, lr=LEARNING_RATE)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(net(X), y).backward()
+        opt.step()
+
+    t_step = best_time(step, args.repeats, clock, warm_up=True)
+    snapshot = [p.detach().clone() for p in params]
+
+    def restore():
+        with torch.no_grad():
+            for p, s in zip(params, snapshot):
+                p.copy_(s)
+
+    print(f"\nsupport={support} ({layer.formulation}, tile {layer.tile_shape[0]}x{layer.tile_shape[1]}): "
+          f"training step {t_step * 1e3:.2f} ms")
+    print(f"  {'penalty':<20} {'kind':<10} {'per step':>9} {'% step':>7} | {'value':>9} {'% step':>7}")
+    total, shares = 0.0, {}
+    for name, pen in every_penalty():
+        kind, t, value = penalty_cost(pen, net, params, restore, args, clock)
+        total += t
+        shares[name] = t / t_step
+        v = f"{'':9} {'':7}" if math.isnan(value) else f"{value * 1e3:9.2f} {100 * value / t_step:6.1f}%"
+        flag = "" if t / t_step <= 0.10 else "  > 10%"
+        print(f"  {name:<20} {kind:<10} {t * 1e3:9.2f} {100 * t / t_step:6.1f}% | {v}{flag}")
+    print(f"  {'all penalties':<20} {'':<10} {total * 1e3:9.2f} {100 * total / t_step:6.1f}%")
+    return shares
+
+
+def penalty_cost(pen, net, params, restore, args, clock):
+    """``(kind, seconds per step, seconds of the value)``: value + backward, or prox (value: NaN if smooth)."""
+    if pen.smooth:
+        def cost():
+            for p in params:
+                p.grad = None
+            (STRENGTH * pen.value(net)).backward()
+
+        return "smooth", best_time(cost, args.repeats, clock), float("nan")
+
+    t = best_time(lambda: pen.prox_net(net, LEARNING_RATE * STRENGTH), args.repeats, clock, setup=restore)
+    restore()
+
+    def value_only():
+        with torch.no_grad():
+            pen.value(net)
+
+    return "prox", t, best_time(value_only, args.repeats, clock)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--clock", default="wall", choices=list(CLOCKS))
+    parser.add_argument("--supports", nargs="+", default=["9", "full"],
+                        help="supports to run (default: 9 full; 'full' takes minutes: the TV proxes)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock == "cpu" and torch.get_num_threads() > 1:
+        parser.error("--clock cpu measures one CPU thread: use it with --threads 1")
+    clock = CLOCKS[args.clock]
+    print(f"machine: {platform.processor() or platform.machine()}, {platform.system()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; float32, batch {args.batch}, 28x28x1, k=5, F=8, "
+          f"best of >= {args.repeats}, {args.clock} clock")
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(args.batch, 1, 28, 28, generator=gen)
+    y = torch.randint(0, 10, (args.batch,), generator=gen)
+    worst = {}
+    for support in [s if s == "full" else int(s) for s in args.supports]:
+        worst.update({(support, name): r for name, r in run_support(support, X, y, gen, args, clock).items()})
+    over = {k: v for k, v in worst.items() if v > 0.10}
+    print("\ntarget: every penalty <= 10% of a training step: "
+          + ("met" if not over else "MISSED by " + ", ".join(f"{n} (support={s}) {100 * v:.0f}%"
+                                                            for (s, n), v in over.items())))
+
+
+if __name__ == "__main__":
+    main()
