@@ -177,8 +177,8 @@ def choose_tile(gh: AxisGeometry, gw: AxisGeometry, in_channels: int, out_channe
     width ``Q = th tw F`` buys speed (:data:`TILE_HALF_RATE_COLUMNS`). For
     ``support='full'`` the whole output (``'dense'``) always wins: it has
     the fewest multiply-adds, no zeros. On the CPU this picks a tile within
-    a few percent of the fastest in ``benchmarks/bench_layer.py --sweep``
-    (at worst 1.25x, on 8x8 images where a pass takes 3 ms).
+    5% of the fastest in ``benchmarks/bench_layer.py --sweep`` for most
+    geometries, at worst 1.24x (small passes of 3-11 ms).
     """
     if formulation == "unfold":
         return (1, 1)

@@ -173,7 +173,7 @@ def reference_dense(layer: SoftConv2d, x: torch.Tensor) -> torch.Tensor:
     """The original 'dense' formulation: ``kernels()`` gathered into a dense (L F, C H W) weight, one GEMM."""
     n, C = x.shape[:2]
     gh, gw = layer.gh, layer.gw
-    L, Fo, K = layer.deviation.shape
+    L, Fo, _ = layer.deviation.shape
     Sh, Sw = layer.support_shape
     oh = np.arange(gh.size)[None, :] - gh.anchors()[:, None] - gh.lo
     ow = np.arange(gw.size)[None, :] - gw.anchors()[:, None] - gw.lo
@@ -201,7 +201,7 @@ def outputs_and_grads(layer, fn, x, g):
 @pytest.mark.parametrize("geometry", GEOMETRIES + [(2, 3, 8, 8, 5, 1, "same", 9), (1, 2, 9, 6, 3, 3, "same", 5)])
 def test_every_tile_shape_matches_the_original_formulations(geometry):
     """Outputs and gradients (input, m, d) of every tiling equal the original unfold and dense code."""
-    C, F, H, W, k, stride, padding, support = geometry
+    C, F, H, W = geometry[:4]
     layer = random_layer(*geometry, "auto")
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():  # non-trivial preconditioner scales
@@ -263,9 +263,9 @@ def test_tiles_do_not_build_the_kernels_tensor():
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            if isinstance(out, torch.Tensor) and func is not torch.ops.aten.detach.default:
-                if out.untyped_storage().data_ptr() != layer.deviation.untyped_storage().data_ptr():
-                    Sizes.largest = max(Sizes.largest, out.numel())
+            if (isinstance(out, torch.Tensor) and func is not torch.ops.aten.detach.default
+                    and out.untyped_storage().data_ptr() != layer.deviation.untyped_storage().data_ptr()):
+                Sizes.largest = max(Sizes.largest, out.numel())
             return out
 
     layer = SoftConv2d(1, 4, 3, (12, 12), padding="same", support="full", dtype=torch.float64)
