@@ -266,7 +266,8 @@ def fit_together(estimators: Sequence, Xs: Sequence, ys: Sequence, sample_weight
             results[i] = res
     for i, est in enumerate(estimators):
         mine = [j for j, o in enumerate(owner) if o == i]
-        best = min(mine, key=lambda j: _final_objective(problems[j][1], results[j]))
+        # one initialisation: nothing to compare, so no extra pass over the data
+        best = mine[0] if len(mine) == 1 else min(mine, key=lambda j: _final_objective(problems[j][1], results[j]))
         _atomic_fit(type(est)._finish_fit)(est, problems[best][1], results[best])
     return list(estimators)
 

@@ -330,6 +330,7 @@ class BaseSoftConv(BaseEstimator, metaclass=ABCMeta):
         split); ``_prepare_fit`` derives a different weight seed from ``init``.
         The first one is the caller's own state, so ``n_init=1`` is untouched.
         """
+        check_scalar(self.n_init, "n_init", numbers.Integral, min_val=1)  # before it sizes anything
         n = 1 if incremental or (self.warm_start and hasattr(self, "network_")) else self.n_init
         if isinstance(self.random_state, np.random.RandomState):
             copies = [copy.deepcopy(self.random_state) for _ in range(n - 1)]
@@ -518,7 +519,6 @@ class BaseSoftConv(BaseEstimator, metaclass=ABCMeta):
         if len(self._init_random_states()) > 1:
             from .batched import fit_together
 
-            self._validate_hyperparameters()  # fails before any fit, with the parameter's name
             fit_together([self], [X], [y], [sample_weight])
         else:
             self._fit(X, y, sample_weight, incremental=False)

@@ -165,3 +165,5 @@ def test_n_init_is_ignored_by_warm_starts_and_accepts_random_state_instances():
     assert len(est._init_random_states()) == 1  # fitted and warm: one initialisation, the previous weights
     with pytest.raises(ValueError, match="n_init"):
         SoftConvRegressor(n_init=0).fit(X, y)
+    with pytest.raises(TypeError, match="n_init"):
+        SoftConvRegressor(n_init=2.5).fit(X, y)
