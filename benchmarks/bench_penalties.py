@@ -7,14 +7,17 @@ batch of 128. For every penalty in the registry (``softcnn.penalties.supported_p
 it times what a step adds:
 
 * a smooth penalty: its ``value`` plus the backward of that value (autograd);
-* a non-smooth penalty: its ``prox_net`` (applied after every step); its ``value`` (no
-  gradient) is also shown, though the solvers compute it once per epoch, not per step.
+* a non-smooth penalty: its ``prox_net`` (applied after every step), timed as in a fit: each
+  timed call follows an untimed training step, from the same parameters and optimizer state
+  for every penalty, so a prox that warm-starts from its previous call (the TV proxes) gets
+  the change of one step, not a repeat of its last input; its first (cold) call is not
+  timed. Its ``value`` (no gradient) is also shown, though the solvers compute it once per
+  epoch, not per step.
 
 Each cost is printed as a percentage of the step (target: <= 10% each) with the sum over
 all penalties. Times are the best of ``--repeats`` (more while under 0.2 s) after a first
-call, or that first call alone when it takes over 0.5 s (not for the step); the
-deviations are set to small random values first (a zero ``d`` makes some proxes trivial),
-and the parameters are restored before every timed prox.
+call, or that first call alone when it takes over 0.5 s (not for the step or a prox); the
+deviations are set to small random values first (a zero ``d`` makes some proxes trivial).
 
     python benchmarks/bench_penalties.py [--batch 128] [--repeats 5] [--threads 1 --clock cpu] [--supports 9]
 """
@@ -22,6 +25,7 @@ and the parameters are restored before every timed prox.
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import platform
 import time
@@ -49,14 +53,17 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 def best_time(fn, repeats, clock, setup=None, min_time=0.2, max_repeats=50, slow=0.5, warm_up=False):
     """Best of ``repeats`` timed calls after a first call; a first call slower than ``slow`` s is
     the only one (the TV proxes take minutes at 'full'), unless ``warm_up`` (the first call sets
-    up state, like Adam's moments): then it is not timed."""
+    up state, like Adam's moments or a prox's warm start): then it is not timed, and one more
+    call is, if it was slow."""
     if setup:
         setup()
     t0 = clock()
     fn()
     first = clock() - t0
-    if first > slow and not warm_up:
-        return first
+    if first > slow:
+        if not warm_up:
+            return first
+        repeats = 1
     times, start = [], time.perf_counter()
     while len(times) < repeats or (time.perf_counter() - start < min_time and len(times) < max_repeats):
         if setup:
@@ -94,18 +101,20 @@ def run_support(support, X, y, gen, args, clock) -> dict:
 
     t_step = best_time(step, args.repeats, clock, warm_up=True)
     snapshot = [p.detach().clone() for p in params]
+    opt_snapshot = copy.deepcopy(opt.state_dict())
 
     def restore():
         with torch.no_grad():
             for p, s in zip(params, snapshot):
                 p.copy_(s)
+        opt.load_state_dict(copy.deepcopy(opt_snapshot))
 
     print(f"\nsupport={support} ({layer.formulation}, tile {layer.tile_shape[0]}x{layer.tile_shape[1]}): "
           f"training step {t_step * 1e3:.2f} ms")
     print(f"  {'penalty':<20} {'kind':<10} {'per step':>9} {'% step':>7} | {'value':>9} {'% step':>7}")
     total, shares = 0.0, {}
     for name, pen in every_penalty():
-        kind, t, value = penalty_cost(pen, net, params, restore, args, clock)
+        kind, t, value = penalty_cost(pen, net, params, restore, step, args, clock)
         total += t
         shares[name] = t / t_step
         v = f"{'':9} {'':7}" if math.isnan(value) else f"{value * 1e3:9.2f} {100 * value / t_step:6.1f}%"
@@ -115,8 +124,11 @@ def run_support(support, X, y, gen, args, clock) -> dict:
     return shares
 
 
-def penalty_cost(pen, net, params, restore, args, clock):
-    """``(kind, seconds per step, seconds of the value)``: value + backward, or prox (value: NaN if smooth)."""
+def penalty_cost(pen, net, params, restore, step, args, clock):
+    """``(kind, seconds per step, seconds of the value)``: value + backward, or prox (value: NaN if smooth).
+
+    A prox is timed after ``restore`` (the same start for every penalty), each call after an
+    untimed training ``step``, as in a fit."""
     if pen.smooth:
         def cost():
             for p in params:
@@ -125,7 +137,9 @@ def penalty_cost(pen, net, params, restore, args, clock):
 
         return "smooth", best_time(cost, args.repeats, clock), float("nan")
 
-    t = best_time(lambda: pen.prox_net(net, LEARNING_RATE * STRENGTH), args.repeats, clock, setup=restore)
+    restore()
+    t = best_time(lambda: pen.prox_net(net, LEARNING_RATE * STRENGTH), args.repeats, clock, setup=step,
+                  warm_up=True)
     restore()
 
     def value_only():

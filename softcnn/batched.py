@@ -19,7 +19,7 @@ evaluation does not.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -195,7 +195,7 @@ def _groups(problems, batch) -> list[list[int]]:
         return [[i] for i in range(len(problems))]
     groups: dict = {}
     for i, (est, prob) in enumerate(problems):
-        key = (prob.solver, est.max_iter, est.tol, bool(prob.hooks), _signature(prob.objective))
+        key = (prob.solver, est.max_iter, est.tol, est.n_iter_no_change, bool(prob.hooks), _signature(prob.objective))
         stackable = prob.solver == "lbfgs" and not prob.hooks and not prob.objective.nonsmooth_penalties
         groups.setdefault(key if stackable else ("alone", i), []).append(i)
     out = []
@@ -209,7 +209,7 @@ def _groups(problems, batch) -> list[list[int]]:
 
 
 def fit_together(estimators: Sequence, Xs: Sequence, ys: Sequence, sample_weights: Sequence | None = None,
-                 *, batch: bool | str = "auto") -> list:
+                 *, batch: bool | str = "auto", constrain: Callable | None = None) -> list:
     """Fit each estimator on its own data, solving compatible fits as one batched model.
 
     Equivalent to ``[est.fit(X, y, sample_weight=sw) for ...]`` (to round-off,
@@ -229,6 +229,10 @@ def fit_together(estimators: Sequence, Xs: Sequence, ys: Sequence, sample_weight
         architecture, ``max_iter`` and ``tol``), as many at once as fit in
         half the free memory of their device (:func:`fit_memory`); ``True``:
         stack all stackable fits regardless of memory; ``False``: one at a time.
+    constrain : callable, optional
+        ``constrain(network)`` freezes entries of each fit's network (returns
+        gradient hooks, removed after the fit), as :mod:`softcnn.limits` does;
+        such fits are not stacked.
 
     Returns
     -------
@@ -250,7 +254,8 @@ def fit_together(estimators: Sequence, Xs: Sequence, ys: Sequence, sample_weight
     problems, owner = [], []  # a fit per initialisation (n_init); owner: its estimator's index
     for i, (est, X, y, sw) in enumerate(zip(estimators, Xs, ys, sample_weights)):
         for init, rs in enumerate(est._init_random_states()):
-            problems.append((est, est._prepare_fit(X, y, sw, incremental=False, init=init, random_state=rs)))
+            problems.append((est, est._prepare_fit(X, y, sw, incremental=False, init=init, random_state=rs,
+                                                  _constrain=constrain)))
             owner.append(i)
     results = [None] * len(problems)
     for group in _groups(problems, batch):
@@ -261,7 +266,8 @@ def fit_together(estimators: Sequence, Xs: Sequence, ys: Sequence, sample_weight
         first = problems[group[0]][0]
         stacked = StackedProblem([problems[i][1].objective for i in group])
         with _blas_controller().limit(limits=1, user_api="blas"):
-            solved = lbfgs_models(stacked, max_iter=first.max_iter, tol=first.tol, verbose=first.verbose)
+            solved = lbfgs_models(stacked, max_iter=first.max_iter, tol=first.tol,
+                                  n_iter_no_change=first.n_iter_no_change, verbose=first.verbose)
         for i, res in zip(group, solved):
             results[i] = res
     for i, est in enumerate(estimators):

@@ -418,7 +418,8 @@ class BaseSoftConv(BaseEstimator, metaclass=ABCMeta):
         # torch's own threads (6x slower fits on 2 cores); torch keeps its thread pool.
         with _blas_controller().limit(limits=1, user_api="blas"):
             if solver == "lbfgs":
-                return lbfgs(objective, params, max_iter=self.max_iter, tol=self.tol, verbose=self.verbose)
+                return lbfgs(objective, params, max_iter=self.max_iter, tol=self.tol,
+                             n_iter_no_change=self.n_iter_no_change, verbose=self.verbose)
             if solver == "fista":
                 return fista(objective, params, max_iter=self.max_iter, tol=self.tol, verbose=self.verbose)
             n = objective.n_samples
@@ -443,6 +444,8 @@ class BaseSoftConv(BaseEstimator, metaclass=ABCMeta):
         for layer in net.soft_layers:
             for _, pen in problem.penalties:
                 pen.finalize(layer)
+        for _, pen in problem.penalties:
+            pen.clear_state()  # warm starts and caches (a TV dual: twice the deviations) end with the fit
         n_snapped = sum(layer.snap(float(self.threshold)) for layer in net.soft_layers)
         # Adam/SGD report the last epoch's mean objective, as MLPClassifier does (no extra pass)
         stochastic_ok = solver in ("adam", "sgd") and result.loss_curve and not n_snapped
@@ -675,9 +678,15 @@ _PARAMS_DOC = r"""
     max_iter : int, default=200
         Iterations (L-BFGS) or epochs (Adam, SGD).
     tol : float, default=1e-4
-        Stopping tolerance (gradient for L-BFGS; improvement per epoch otherwise).
+        Stopping tolerance. The fit stops when the training objective has not
+        improved by at least ``tol`` for more than ``n_iter_no_change``
+        consecutive iterations or epochs (``MLPClassifier``'s rule; for L-BFGS
+        the improvement is measured relative to ``max(objective, 1)``), and
+        also, for L-BFGS, once the gradient is small (below ``10 tol``) and
+        the last step gained little; FISTA stops on its gradient mapping.
     n_iter_no_change : int, default=10
-        Epochs without ``tol`` improvement before stopping (Adam, SGD).
+        Iterations (L-BFGS) or epochs (Adam, SGD) without ``tol`` improvement
+        before stopping.
     early_stopping : bool, default=False
         Hold out ``validation_fraction`` and stop when its loss stops improving.
     validation_fraction : float, default=0.1

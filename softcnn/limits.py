@@ -65,8 +65,13 @@ def _reference_params(estimator, overrides: dict, *, tight: bool = True) -> dict
     return params
 
 
-def _reference_fit(estimator, X, y, sample_weight, overrides, constrain, *, warm_from=None):
+def _reference_fit(estimator, X, y, sample_weight, overrides, constrain, *, warm_from=None, exact=True):
     """Fit a clone with ``overrides`` and gradient masks from ``constrain``; return it.
+
+    ``exact``: the condition evaluated on it is exact (a non-smooth penalty),
+    so the fit stops on its gradient (not on a stalled objective) and a cold
+    one is solved tightly; for a ridge-type penalty's scale the estimator's
+    own stopping rule is enough.
 
     With ``warm_from`` (a fitted estimator) the fit starts from its network
     (``_fit`` works on a copy, so ``warm_from`` is not modified) with its
@@ -74,7 +79,9 @@ def _reference_fit(estimator, X, y, sample_weight, overrides, constrain, *, warm
     ``warm_from`` already reported on these data and parameters.
     """
     est = clone(estimator)
-    params = _reference_params(estimator, overrides, tight=warm_from is None)
+    params = _reference_params(estimator, overrides, tight=exact and warm_from is None)
+    if exact:  # stopped by its gradient, not by a stall of the objective
+        params["n_iter_no_change"] = params.get("max_iter", estimator.max_iter)
     if warm_from is not None:
         names = est.get_params(deep=False)
         est.__dict__.update({k: v for k, v in vars(warm_from).items() if k not in names})
@@ -239,7 +246,9 @@ def tying_max(estimator, X, y, sample_weight=None) -> float:
       condition, ``d ≈ -L G / (2 λ)``; the value returned is the strength at
       which the largest such deviation is ``L2_RELATIVE_DEVIATION`` (1%) of
       the largest weight of the reference fit, so a path starting there
-      starts at (nearly) the CNN.
+      starts at (nearly) the CNN. Being a scale, not an exact condition, it
+      is computed on a reference fit with the estimator's ``tol`` and
+      ``max_iter`` (the exact conditions use ``tol <= 1e-7``).
 
     The conditions hold at the reference solution; a fit at ``tying``
     slightly above the value reaches exact zeros when it converges to the
@@ -250,7 +259,8 @@ def tying_max(estimator, X, y, sample_weight=None) -> float:
     attribute ``tying_max_`` is this quantity computed from the fit
     (:func:`_fitted_tying_max`).
     """
-    est = _reference_fit(estimator, X, y, sample_weight, _tying_overrides(estimator), _freeze_deviations)
+    est = _reference_fit(estimator, X, y, sample_weight, _tying_overrides(estimator), _freeze_deviations,
+                         exact=estimator.tying_penalty != "l2")
     return _tying_max_at(est, _validated(est, X, y, sample_weight))
 
 
@@ -427,7 +437,8 @@ def locality_max(estimator, X, y, sample_weight=None) -> float:
             hooks.append(layer.deviation.register_hook(lambda grad, k=keep: grad * k))
         return hooks
 
-    est = _reference_fit(estimator, X, y, sample_weight, {"locality": 0.0}, constrain)
+    est = _reference_fit(estimator, X, y, sample_weight, {"locality": 0.0}, constrain,
+                         exact=estimator.locality_penalty != "l2")
     grads = _gradients(est, _validated(est, X, y, sample_weight))
     value = 0.0
     for layer, G in zip(est.network_.soft_layers, grads):

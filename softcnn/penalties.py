@@ -21,6 +21,7 @@ For the ``'mean'`` graph the shared kernel ``m`` is free, so penalising
 from __future__ import annotations
 
 import numbers
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 
@@ -137,16 +138,45 @@ class Penalty(ABC):
         opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({opts})"
 
+    # Per-layer scratch state (structures derived from a layer's mask, warm starts). It is
+    # keyed weakly by the layer object, so it never reaches another layer nor keeps one alive,
+    # and it is left out of pickles and copies (a copy starts cold).
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_layer_state"}
+
+    def clear_state(self) -> None:
+        """Drop the per-layer scratch state; a fit's last prox no longer needs its warm start."""
+        self.__dict__.pop("_layer_state", None)
+
+    def _state(self, layer: SoftConv2d) -> dict:
+        """This penalty's scratch dict for ``layer`` (created empty)."""
+        states = self.__dict__.setdefault("_layer_state", weakref.WeakKeyDictionary())
+        return states.setdefault(layer, {})
+
+    def _cached(self, layer: SoftConv2d, name: str, build: Callable[[], object]):
+        """``build()``, computed once per layer while its mask (object and content) and dtype stay.
+
+        ``build`` must not hold the layer: the cache would keep it alive.
+        """
+        mask = layer.mask
+        key = (mask._version, mask.device, layer.shared.dtype)
+        hit = self._state(layer).get(name)
+        if hit is not None and hit[0] is mask and hit[1] == key:
+            return hit[2]
+        value = build()
+        self._state(layer)[name] = (mask, key, value)
+        return value
+
 
 # --------------------------------------------------------------------- tying
 def _grid_differences(layer: SoftConv2d):
-    """Deviation differences between 4-neighbour positions and the masks of offsets existing at both."""
+    """Deviation differences between 4-neighbour positions and the 0/1 masks of offsets existing at both."""
     Lh, Lw = layer.output_shape
     d = layer.deviations().reshape(Lh, Lw, *layer.deviation.shape[1:])  # (Lh, Lw, F, K)
-    m = layer.mask.reshape(Lh, Lw, 1, -1)
+    m = layer.mask.reshape(Lh, Lw, 1, -1).to(d.dtype)  # 0/1: multiplying beats boolean ops
     return [
-        (d[1:] - d[:-1], m[1:] & m[:-1]),
-        (d[:, 1:] - d[:, :-1], m[:, 1:] & m[:, :-1]),
+        (d[1:] - d[:-1], m[1:] * m[:-1]),
+        (d[:, 1:] - d[:, :-1], m[:, 1:] * m[:, :-1]),
     ]
 
 
@@ -194,14 +224,28 @@ def _dev_step(layer: SoftConv2d, step: float) -> float:
 
 
 def _write_deviations(layer: SoftConv2d, d_new: torch.Tensor) -> None:
-    """Store new deviations at existing offsets; absent offsets keep their (irrelevant) values."""
-    d = torch.where(layer.mask.unsqueeze(1), d_new, layer.deviations())
-    layer.deviation.copy_(d / layer.deviation_scale)
+    """Store new deviations at existing offsets; absent offsets keep their (irrelevant) values.
+
+    ``d_new`` (``(L, F, K)``, owned by the caller) is overwritten: the write is done in place,
+    as full-size temporaries and boolean selections cost more than the arithmetic. The
+    selection ``d * (1 - e) + d_new * e`` with ``e`` in {0, 1} is exact for finite values.
+    """
+    exists = _exists(layer, d_new.dtype)
+    d_new.div_(layer.deviation_scale).mul_(exists)
+    layer.deviation.mul_(1 - exists).add_(d_new)
+
+
+def _exists(layer: SoftConv2d, dtype: torch.dtype) -> torch.Tensor:
+    """The existence mask as 0/1 numbers, ``(L, 1, K)``: multiplying is faster than selecting."""
+    return layer.mask.unsqueeze(1).to(dtype)
 
 
 def _write_kernels(layer: SoftConv2d, w_new: torch.Tensor) -> None:
-    """Store new effective kernels at existing offsets through ``d = w - m`` (``m`` is kept)."""
-    _write_deviations(layer, w_new - layer.shared_kernel().unsqueeze(0))
+    """Store new effective kernels at existing offsets through ``d = w - m`` (``m`` is kept).
+
+    ``w_new`` is overwritten (see :func:`_write_deviations`).
+    """
+    _write_deviations(layer, w_new.sub_(layer.shared_kernel()))
 
 
 def _write_tied(layer: SoftConv2d, w_new: torch.Tensor, m_new: torch.Tensor) -> None:
@@ -210,22 +254,16 @@ def _write_tied(layer: SoftConv2d, w_new: torch.Tensor, m_new: torch.Tensor) -> 
     Penalties on the effective weights move ``m`` the way they move a
     position tied to it (``m_new`` is the prox's output at ``w_p = m``), so
     tied positions stay exactly tied and a strong tying penalty on ``d``
-    does not undo their shrinkage.
+    does not undo their shrinkage. ``w_new`` is overwritten (see
+    :func:`_write_deviations`).
     """
     layer.shared.copy_(m_new / layer.shared_scale)
-    _write_deviations(layer, w_new - layer.shared_kernel().unsqueeze(0))
+    _write_kernels(layer, w_new)
 
 
 def _raw_kernels(layer: SoftConv2d) -> torch.Tensor:
-    """``m + d_p`` without the existence mask (the values a prox on ``w`` starts from)."""
-    return layer.shared_kernel().unsqueeze(0) + layer.deviations()
-
-
-def _mask_patterns(layer: SoftConv2d):
-    """Yield ``(positions, entries)``: kernel entries sharing one pattern of existence over positions."""
-    patterns, inverse = torch.unique(layer.mask.T, dim=0, return_inverse=True)
-    for j in range(patterns.shape[0]):
-        yield patterns[j].nonzero().squeeze(1), (inverse == j).nonzero().squeeze(1)
+    """``m + d_p`` without the existence mask (the values a prox on ``w`` starts from); a new tensor."""
+    return torch.addcmul(layer.shared_kernel(), layer.deviation, layer.deviation_scale)
 
 
 @torch.no_grad()
@@ -315,9 +353,14 @@ class _TyingTV(_NonSmooth):
         d = layer.masked_deviation()
         L, Fo, K = d.shape
         mask = layer.mask.unsqueeze(1).expand(L, Fo, K).reshape(L, Fo * K)
-        new = _prox.tv_prox(
-            d.reshape(L, Fo * K), _dev_step(layer, step), layer.output_shape, kind=self.kind, mask=mask
+        # warm start from this layer's previous dual: a step moves the solution little
+        state, key = self._state(layer), (d.shape, d.dtype, d.device)
+        last_key, dual = state.get("tv_dual", (None, None))
+        new, dual = _prox.tv_prox(
+            d.reshape(L, Fo * K), _dev_step(layer, step), layer.output_shape, kind=self.kind, mask=mask,
+            dual=dual if last_key == key else None, return_dual=True,
         )
+        state["tv_dual"] = (key, dual)
         _write_deviations(layer, new.reshape(L, Fo, K))
 
     def finalize(self, layer):
@@ -359,15 +402,14 @@ class TyingL1All(_NonSmooth):
 
     def layer_value(self, layer):
         w = layer.kernels()
-        total = w.new_zeros(())
-        for pos, cols in _mask_patterns(layer):
-            n = pos.shape[0]
-            if n < 2:
-                continue
-            xs = w[pos][:, :, cols].sort(dim=0).values
-            # Σ_{p<q} |x_p - x_q| = Σ_i (2i - n - 1) x_(i) over the sorted values
-            coef = 2 * torch.arange(1, n + 1, dtype=w.dtype, device=w.device) - n - 1
-            total = total + (coef[:, None, None] * xs).sum()
+        exists = layer.mask.unsqueeze(1).expand_as(w)
+        # all entries in one sort, absent ones last (+inf); for the n existing values of an
+        # entry, Σ_{p<q} |x_p - x_q| = Σ_i (2i - n - 1) x_(i) over the sorted values
+        xs = torch.where(exists, w, float("inf")).sort(dim=0).values
+        n = exists.sum(0, keepdim=True)
+        rank = torch.arange(1, w.shape[0] + 1, device=w.device).view(-1, 1, 1)
+        coef = torch.where(rank <= n, 2 * rank - n - 1, 0).to(w.dtype)
+        total = (coef * torch.where(rank <= n, xs, 0.0)).sum()
         return total / max(layer.n_positions - 1, 1)
 
     @torch.no_grad()
@@ -376,13 +418,8 @@ class TyingL1All(_NonSmooth):
         if L < 2:
             return
         t = _dev_step(layer, step) / (L - 1)
-        w = _raw_kernels(layer).permute(0, 2, 1).clone()  # (L, K, F)
-        for pos, cols in _mask_patterns(layer):
-            if pos.shape[0] < 2:
-                continue
-            idx = (pos[:, None], cols[None, :])
-            w[idx] = _prox.pairwise_l1_prox(w[idx], t, dim=0)
-        _write_kernels(layer, w.permute(0, 2, 1))
+        w = _prox.pairwise_l1_prox(_raw_kernels(layer), t, dim=0, mask=layer.mask.unsqueeze(1))
+        _write_kernels(layer, w)
 
     def finalize(self, layer):
         _recentre(layer)
@@ -566,25 +603,31 @@ class LocalityRings(_NonSmooth, _ProfiledPenalty):
     full = False
 
     def _groups(self, layer):
-        g = ring_groups(layer, full=self.full)
-        return g.repeat(1, layer.in_channels)  # (N, C * Sh * Sw): channel-major like the kernel
+        """``(N, C * Sh * Sw)`` groups, channel-major like the kernel; cached per layer."""
+        full, channels = self.full, layer.in_channels
+
+        def build():
+            return ring_groups(layer, full=full).repeat(1, channels)
+
+        return self._cached(layer, "ring_groups", build)
 
     def layer_value(self, layer):
         w = layer.kernels()[..., :-1]
-        total = w.new_zeros(())
-        for row in self._groups(layer):
-            total = total + torch.linalg.vector_norm(w[..., row], dim=-1).sum()
-        return total
+        groups = self._groups(layer)
+        # squared norms of all groups at once: a product with the membership matrix
+        sq = w.pow(2) @ groups.T.to(w.dtype)
+        pos = sq > 0
+        # sqrt with a zero gradient at 0 (like a norm's), not an infinite one
+        return torch.where(pos, torch.where(pos, sq, torch.ones_like(sq)).sqrt(), torch.zeros_like(sq)).sum()
 
     @torch.no_grad()
     def prox(self, layer, step):
-        w = _raw_kernels(layer) * layer.mask.unsqueeze(1)  # absent offsets carry no weight
+        w = _raw_kernels(layer).mul_(_exists(layer, layer.shared.dtype))  # absent offsets carry no weight
         t, groups = _dev_step(layer, step), self._groups(layer)
-        new = w.clone()
-        new[..., :-1] = _prox.nested_group_prox(w[..., :-1], t, groups, dim=-1)
-        m = layer.shared_kernel().clone()
-        m[..., :-1] = _prox.nested_group_prox(m[..., :-1], t, groups, dim=-1)
-        _write_tied(layer, new, m)
+        _prox.nested_group_prox(w[..., :-1], t, groups, dim=-1, out=w[..., :-1])
+        m = layer.shared_kernel()
+        _prox.nested_group_prox(m[..., :-1], t, groups, dim=-1, out=m[..., :-1])
+        _write_tied(layer, w, m)
 
 
 @register("locality", "full_rings")
@@ -630,15 +673,16 @@ class ChannelSparsity(_NonSmooth):
 
     @torch.no_grad()
     def prox(self, layer, step):
-        w = _raw_kernels(layer) * layer.mask.unsqueeze(1)
+        w = _raw_kernels(layer).mul_(_exists(layer, layer.shared.dtype))
         t = _dev_step(layer, step)
-        # one shrink factor per channel, applied to m with the operator's own formula
+        # block soft thresholding (as prox.group_soft_threshold) by its per-channel factor,
+        # applied in place to w and to m alike; 0 + x * factor keeps zeros +0
         norm = torch.linalg.vector_norm(w, dim=(0, 2))[:, None]
         keep = norm > t
-        safe = torch.where(keep, norm, torch.ones_like(norm))
-        m = layer.shared_kernel()
-        m_new = torch.where(keep, m * (1 - t / safe), torch.zeros_like(m))
-        _write_tied(layer, _prox.group_soft_threshold(w, t, dim=(0, 2)), m_new)
+        factor = torch.where(keep, 1 - t / torch.where(keep, norm, torch.ones_like(norm)), 0.0)
+        zero = w.new_zeros(())
+        m = torch.addcmul(zero, layer.shared_kernel(), factor)
+        _write_tied(layer, torch.addcmul(zero, w, factor, out=w), m)
 
 
 class _Elementwise(_NonSmooth):
@@ -650,8 +694,8 @@ class _Elementwise(_NonSmooth):
         """The penalty of each weight."""
 
     @abstractmethod
-    def elementwise_prox(self, w: torch.Tensor, t: float) -> torch.Tensor:
-        """The prox of ``t * rho``, entrywise."""
+    def elementwise_prox(self, w: torch.Tensor, t: float, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The prox of ``t * rho``, entrywise, written to ``out`` if given (it may be ``w``)."""
 
     def layer_value(self, layer):
         return self.rho(layer.kernels()[..., :-1]).sum()
@@ -661,13 +705,11 @@ class _Elementwise(_NonSmooth):
 
     @torch.no_grad()
     def prox(self, layer, step):
-        w = _raw_kernels(layer)
+        w, m = _raw_kernels(layer), layer.shared_kernel()
         t = _dev_step(layer, step)
-        new = w.clone()
-        new[..., :-1] = self.elementwise_prox(w[..., :-1], t)
-        m = layer.shared_kernel().clone()
-        m[..., :-1] = self.elementwise_prox(m[..., :-1], t)
-        _write_tied(layer, new, m)
+        self.elementwise_prox(w[..., :-1], t, out=w[..., :-1])
+        self.elementwise_prox(m[..., :-1], t, out=m[..., :-1])
+        _write_tied(layer, w, m)
 
     @torch.no_grad()
     def prox_net(self, net, step):
@@ -683,8 +725,8 @@ class SparsityL1(_Elementwise):
     def rho(self, w):
         return w.abs()
 
-    def elementwise_prox(self, w, t):
-        return _prox.soft_threshold(w, t)
+    def elementwise_prox(self, w, t, out=None):
+        return _prox.soft_threshold(w, t, out=out)
 
 
 @register("sparsity", "tl1")
@@ -705,8 +747,8 @@ class SparsityTL1(_Elementwise):
     def rho(self, w):
         return (self.a + 1) * w.abs() / (self.a + w.abs())
 
-    def elementwise_prox(self, w, t):
-        return _prox.tl1_prox(w, t, self.a)
+    def elementwise_prox(self, w, t, out=None):
+        return _prox.tl1_prox(w, t, self.a, out=out)
 
 
 # --------------------------------------------------------------------- ridge

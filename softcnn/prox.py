@@ -8,7 +8,8 @@ Every function computes
     \\qquad t \\ge 0,
 
 for one penalty ``g``. They are pure functions of torch tensors: the input is
-never modified in place, the result has the dtype, device and shape of ``x``,
+never modified in place (except by the functions that take an ``out`` tensor
+and are given ``out=x``), the result has the dtype, device and shape of ``x``,
 and all work is vectorised over the entries (Python loops run only over a
 small number of groups or iterations). ``t`` may be a Python number or a 0-d
 tensor. Inputs must be floating point (float32 and float64 are tested);
@@ -133,6 +134,18 @@ def _normalize_dims(dim: int | Sequence[int], ndim: int) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
+def _check_out(out: torch.Tensor | None, x: torch.Tensor) -> None:
+    if out is None:
+        return
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(
+            f"out must have the shape, dtype and device of x ({tuple(x.shape)}, {x.dtype}, {x.device}), "
+            f"got ({tuple(out.shape)}, {out.dtype}, {out.device})"
+        )
+
+
 def _block_shrink(x: torch.Tensor, norm: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
     """``x * max(0, 1 - thr / norm)`` with exact (+0) zeros where ``norm <= thr``."""
     keep = norm > thr
@@ -146,7 +159,11 @@ def _block_shrink(x: torch.Tensor, norm: torch.Tensor, thr: torch.Tensor) -> tor
 
 
 def soft_threshold(
-    x: torch.Tensor, t: Scalar, weights: torch.Tensor | float | None = None
+    x: torch.Tensor,
+    t: Scalar,
+    weights: torch.Tensor | float | None = None,
+    *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Proximal operator of the (weighted) elementwise l1 norm.
 
@@ -159,11 +176,14 @@ def soft_threshold(
     weights : torch.Tensor or float, optional
         Non-negative weights broadcastable to ``x.shape`` (the result keeps the
         shape of ``x``). ``None`` means all ones.
+    out : torch.Tensor, optional
+        Where to write the result (shape, dtype and device of ``x``); it may be
+        ``x`` itself or a view of it.
 
     Returns
     -------
     torch.Tensor
-        ``prox_{t g}(x)``, same shape, dtype and device as ``x``.
+        ``prox_{t g}(x)``, same shape, dtype and device as ``x`` (``out`` if given).
 
     Notes
     -----
@@ -179,7 +199,8 @@ def soft_threshold(
     _check_input(x)
     t_, _ = _scalar(t, "t", x)
     thr = t_ if weights is None else t_ * _weights(weights, x, x.shape, "x")
-    return x - torch.clamp(x, -thr, thr)
+    _check_out(out, x)
+    return torch.sub(x, torch.clamp(x, -thr, thr), out=out)
 
 
 def group_soft_threshold(
@@ -232,6 +253,8 @@ def nested_group_prox(
     groups: torch.Tensor,
     dim: int = -1,
     weights: torch.Tensor | Sequence[float] | None = None,
+    *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Proximal operator of a sum of group norms over nested groups.
 
@@ -251,16 +274,20 @@ def nested_group_prox(
         of ``x`` along ``dim``.
     weights : torch.Tensor or sequence of float, optional, shape (N,)
         Non-negative per-group weights :math:`w_n` (default all ones).
+    out : torch.Tensor, optional
+        Where to write the result (shape, dtype and device of ``x``); it may be
+        ``x`` itself or a view of it, to save a full-size temporary.
 
     Returns
     -------
     torch.Tensor
-        ``prox_{t g}(x)``, same shape, dtype and device as ``x``.
+        ``prox_{t g}(x)``, same shape, dtype and device as ``x`` (``out`` if given).
 
     Raises
     ------
     ValueError
-        If ``groups`` has the wrong shape or is not nested.
+        If ``groups`` has the wrong shape or is not nested, or ``out`` does not
+        match ``x``.
 
     Notes
     -----
@@ -276,7 +303,16 @@ def nested_group_prox(
     Each step is block soft thresholding restricted to :math:`G_n`, so zeros
     are exact, and the support of the result is the complement of some
     :math:`G_k` (entries of the smallest groups, which carry the most penalty
-    terms, vanish first). Cost :math:`O(N \\cdot \\text{numel})`.
+    terms, vanish first).
+
+    The composition is evaluated in closed form. Step ``n`` scales all of
+    :math:`G_n` by :math:`\\alpha_n = \\max(0, 1 - t w_n / \\nu_n)`, where the
+    norm before the step, :math:`\\nu_n^2 = (\\alpha_{n-1} \\nu_{n-1})^2 +
+    \\|x_{R_n}\\|^2`, needs only the norms of the rings
+    :math:`R_n = G_n \\setminus G_{n-1}` of ``x``; an entry of :math:`R_j` ends
+    up scaled by :math:`\\prod_{n \\ge j} \\alpha_n`. So the cost is
+    :math:`O(\\text{numel} + N \\cdot \\text{numel} / M)`: a few passes over
+    ``x`` and a recursion over the groups on the per-slice ring norms.
     """
     _check_input(x)
     t_, _ = _scalar(t, "t", x)
@@ -295,16 +331,34 @@ def nested_group_prox(
             "(rows ordered from the smallest group to the largest)"
         )
     w = None if weights is None else _weights(weights, x, (n_groups,), "groups (N,)")
-    view = [1] * x.ndim
-    view[d] = x.shape[d]
-    u = x
+    _check_out(out, x)
+    if n_groups == 0 or x.numel() == 0:
+        return x.clone() if out is None else out.copy_(x)
+    thr = t_.expand(n_groups) if w is None else t_ * w
+    # ring of each feature: the first group holding it (n_groups: in none, never scaled)
+    ring = torch.where(g.any(0), g.to(torch.uint8).argmax(0), n_groups)
+    xm = x.movedim(d, -1)
+    # the only full-size temporary: the squares, then each entry's scale
+    buf = torch.empty(xm.shape, dtype=x.dtype, device=x.device)
+    flat = torch.mul(xm, xm, out=buf).view(-1, g.shape[1])
+    member = torch.nn.functional.one_hot(ring, n_groups + 1).to(x.dtype)
+    ring_sq = (member.T @ flat.T).T  # (slices, N + 1); this orientation is the fast one
+    # alpha_{N-1}, ..., alpha_0 after a leading 1: their cumulative product at N - j is the
+    # scale of ring j (alpha_j * ... * alpha_{N-1}), and 1 outside all groups
+    alphas = [torch.ones_like(ring_sq[:, 0])]
+    shrunk = torch.zeros_like(alphas[0])  # norm of G_{n-1} after its step
     for n in range(n_groups):
-        member = g[n].view(view)
-        inside = torch.where(member, u, torch.zeros_like(u))
-        norm = torch.linalg.vector_norm(inside, dim=d, keepdim=True)
-        thr = t_ if w is None else t_ * w[n]
-        u = torch.where(member, _block_shrink(u, norm, thr), u)
-    return u if n_groups else x.clone()
+        norm = torch.sqrt(shrunk * shrunk + ring_sq[:, n])
+        keep = norm > thr[n]
+        alpha = torch.where(keep, 1 - thr[n] / torch.where(keep, norm, torch.ones_like(norm)), 0.0)
+        shrunk = alpha * norm
+        alphas.insert(1, alpha)
+    scale = torch.stack(alphas, -1).cumprod(-1)
+    torch.index_select(scale, -1, n_groups - ring, out=flat)
+    res = buf if out is None else out.movedim(d, -1)
+    # 0 + x * scale: exact zeros are +0, as in the single-group operators
+    torch.addcmul(torch.zeros((), dtype=x.dtype, device=x.device), xm, buf, out=res)
+    return res.movedim(-1, d) if out is None else out
 
 
 # ---------------------------------------------------------------------------
@@ -367,7 +421,7 @@ def _stack_pav(csum: torch.Tensor, starts: torch.Tensor, n: int, t: torch.Tensor
     return torch.where(rows <= top, bstart, torch.full_like(bstart, n))
 
 
-# Cost model of ``_isotonic_ramp`` in units of "one column of one stack step":
+# Cost model of ``_isotonic_pav`` in units of "one column of one stack step":
 # a parallel pass costs about 4 units per (block, column) plus a fixed overhead,
 # a stack step has a fixed (interpreter / kernel launch) overhead of about 2500.
 _PASS_COST_PER_ENTRY = 4
@@ -376,7 +430,25 @@ _STACK_STEP_OVERHEAD = 2500
 
 
 def _isotonic_ramp(xs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Isotonic regression of ``xs_i - t (2 i - n - 1)`` for the columns of ``xs``.
+    """Isotonic regression of ``v_i = xs_i - t (2 i - n - 1)`` for the columns of ``xs``.
+
+    ``xs`` has shape (n, B), each column sorted ascending. A column whose ``v``
+    is already non-decreasing (no two entries closer than ``2 t``: the usual
+    case for a small step) is its own regression; only the other columns run
+    :func:`_isotonic_pav`.
+    """
+    n = xs.shape[0]
+    ramp = 2 * torch.arange(1, n + 1, dtype=xs.dtype, device=xs.device) - n - 1
+    v = xs - t * ramp.unsqueeze(1)
+    unsorted = (v[1:] < v[:-1]).any(0)
+    if bool(unsorted.any()):
+        cols = unsorted.nonzero().squeeze(1)
+        v[:, cols] = _isotonic_pav(xs[:, cols], t)
+    return v
+
+
+def _isotonic_pav(xs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Isotonic regression of ``xs_i - t (2 i - n - 1)`` for the columns of ``xs``, by PAV.
 
     ``xs`` has shape (n, B), each column sorted ascending. A partition into
     blocks is stored per column as the padded, increasing list of block
@@ -434,7 +506,9 @@ def _isotonic_ramp(xs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return mean.gather(0, block)
 
 
-def pairwise_l1_prox(x: torch.Tensor, t: Scalar, dim: int = 0) -> torch.Tensor:
+def pairwise_l1_prox(
+    x: torch.Tensor, t: Scalar, dim: int = 0, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Proximal operator of the pairwise (weight-sharing) l1 penalty.
 
     Parameters
@@ -446,6 +520,11 @@ def pairwise_l1_prox(x: torch.Tensor, t: Scalar, dim: int = 0) -> torch.Tensor:
     dim : int, default 0
         The axis whose entries are compared pairwise; the problem is solved
         independently for every index of the other dimensions.
+    mask : torch.Tensor of bool, optional
+        Broadcastable to ``x.shape``; only the entries where it holds exist:
+        each slice's penalty is over the pairs of its existing entries, and
+        the other entries are returned unchanged. Slices with different
+        numbers of entries are solved in one batch.
 
     Returns
     -------
@@ -481,6 +560,13 @@ def pairwise_l1_prox(x: torch.Tensor, t: Scalar, dim: int = 0) -> torch.Tensor:
     current blocks: at most :math:`2n` vectorised steps of :math:`O(B)` work.
     Total: :math:`O(B n \\log n)` work, :math:`O(B n)` memory and
     :math:`O(n)` Python-level iterations (no :math:`O(n^2)` memory).
+
+    With a ``mask``, a slice with :math:`n_k < n` entries is padded with
+    values above all of them by more than :math:`2tn` and :math:`4t` apart
+    (so its padding sorts last and never pools with them or with itself) and
+    solved with the ramp of :math:`n`,
+    which shifts its :math:`v_i` by the constant :math:`t (n - n_k)`; the
+    isotonic regression moves by the same constant, which is subtracted.
     """
     _check_input(x)
     if x.ndim == 0:
@@ -489,12 +575,35 @@ def pairwise_l1_prox(x: torch.Tensor, t: Scalar, dim: int = 0) -> torch.Tensor:
     t_, t_float = _scalar(t, "t", x.new_empty((), dtype=acc))
     (d,) = _normalize_dims(dim, x.ndim)
     n = x.shape[d]
+    if mask is not None:
+        m = torch.as_tensor(mask, device=x.device)
+        if m.dtype != torch.bool:
+            raise TypeError(f"mask must be a boolean tensor, got dtype {m.dtype}")
+        try:
+            m = m.broadcast_to(x.shape)
+        except RuntimeError as exc:
+            raise ValueError(
+                f"mask of shape {tuple(m.shape)} is not broadcastable to x shape {tuple(x.shape)}"
+            ) from exc
     if n <= 1 or t_float == 0 or x.numel() == 0:
         return x.clone()
     moved = x.movedim(d, 0)
-    xs, order = torch.sort(moved.reshape(n, -1).to(acc), dim=0)
+    flat = moved.reshape(n, -1).to(acc)
+    if mask is not None:
+        m = m.movedim(d, 0).reshape(n, -1)
+        count = m.sum(0)
+        # above every entry by more than 2 t n, and 4 t apart: the padding sorts last, is its
+        # own (non-decreasing) regression and never pools with the entries
+        big = 2 * (float(flat.abs().amax()) + 2 * t_float * n) + 1
+        pad = big + 4 * t_ * torch.arange(n, dtype=acc, device=x.device).unsqueeze(1)
+        flat = torch.where(m, flat, pad)
+    xs, order = torch.sort(flat, dim=0)
     us = _isotonic_ramp(xs, t_)
+    if mask is not None:
+        us -= t_ * (n - count).to(acc)
     u = torch.empty_like(us).scatter_(0, order, us)
+    if mask is not None:  # absent entries, and slices with one entry, are unchanged
+        u = torch.where(m & (count > 1), u, moved.reshape(n, -1))
     return u.to(x.dtype).reshape(moved.shape).movedim(0, d).contiguous()
 
 
@@ -511,7 +620,10 @@ def tv_prox(
     n_iter: int = 200,
     tol: float = 1e-10,
     mask: torch.Tensor | None = None,
-) -> torch.Tensor:
+    *,
+    dual: torch.Tensor | None = None,
+    return_dual: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""Proximal operator of total variation over a 2-D grid of positions.
 
     Parameters
@@ -531,19 +643,34 @@ def tv_prox(
         Maximum number of dual iterations.
     tol : float, default 1e-10
         Stop once the largest change of the dual variable over one iteration
-        is at most ``tol * max|x|`` (checked every 10 iterations; ``tol=0``
-        runs all ``n_iter`` iterations).
+        is at most ``max(tol, eps / 8) * max|x|``, ``eps`` the machine epsilon
+        of the dtype: a change below ``eps / 8 * max|x|`` (the step 1/8 times
+        an ulp of ``max|x|``) is round-off, which float32 never gets under
+        ``1e-10``. Checked after each of the first 10 iterations (where a warm
+        start usually stops), then every 10.
     mask : torch.Tensor of bool, optional
         Broadcastable to ``x.shape``; ``mask[p, j]`` says whether entry ``j``
         exists at position ``p``. A pair ``(p, q)`` is compared at entry ``j``
         only where both ``mask[p, j]`` and ``mask[q, j]`` hold; entries that do
         not exist are returned unchanged.
+    dual : torch.Tensor, shape (E, R), optional
+        Starting point of the dual iterations (warm start), typically the
+        ``dual`` returned by a call on a nearby ``x``: ``E = Lh (Lw - 1) +
+        (Lh - 1) Lw`` edges (the horizontal pairs, then the vertical ones,
+        each row-major) and ``R = prod(rest)``. It is projected onto the
+        feasible set of this call (radius ``t``, ``mask``) first, so any
+        tensor of that shape is a valid start; it is not modified. ``None``
+        starts from 0.
+    return_dual : bool, default False
+        Also return the final dual iterate, to warm-start a later call.
 
     Returns
     -------
-    torch.Tensor
+    u : torch.Tensor
         The (approximate) ``prox_{t g}(x)``, same shape, dtype and device as
         ``x``.
+    dual : torch.Tensor, shape (E, R)
+        Only with ``return_dual=True``: the final (feasible) dual iterate.
 
     Notes
     -----
@@ -562,11 +689,14 @@ def tv_prox(
     (Beck & Teboulle 2009) with projected gradient steps of size
     :math:`1/8 \\le 1/\\|D\\|^2` (a 2-D grid difference operator has
     :math:`\\|D\\|^2 \\le 8`) and the gradient-based adaptive restart of
-    O'Donoghue & Candes (2015). The returned ``u = x - D^T z`` for the last
-    (feasible) dual iterate; the primal error satisfies
-    :math:`\\|u - u^\\star\\|^2 \\le 2 (F(z) - F^\\star)` where ``F`` is the dual
-    objective, which FISTA drives to 0 at rate :math:`O(1/k^2)`. Each
-    iteration costs :math:`O(\\text{numel})`.
+    O'Donoghue & Candes (2015), from 0 or from the projected ``dual``. The
+    returned ``u = x - D^T z`` for the last (feasible) dual iterate; the
+    primal error satisfies :math:`\\|u - u^\\star\\|^2 \\le 2 (F(z) - F^\\star)`
+    where ``F`` is the dual objective, which FISTA drives to 0 at rate
+    :math:`O(1/k^2)` from any feasible start, so a start near
+    :math:`z^\\star` (the previous step's dual in a proximal-gradient loop)
+    meets the same stopping test in fewer iterations. Each iteration costs
+    :math:`O(\\text{numel})` (about ten passes over the dual, in place).
     """
     _check_input(x)
     t_, t_float = _scalar(t, "t", x)
@@ -589,6 +719,13 @@ def tv_prox(
 
     shape = x.shape
     X = x.reshape(lh, lw, -1)
+    n_rest = X.shape[-1]
+    n_h, n_v = lh * (lw - 1), (lh - 1) * lw  # horizontal and vertical edges
+    if dual is not None:
+        if not isinstance(dual, torch.Tensor) or tuple(dual.shape) != (n_h + n_v, n_rest):
+            got = tuple(dual.shape) if isinstance(dual, torch.Tensor) else type(dual).__name__
+            raise ValueError(f"dual must be a tensor of shape (E, R) = ({n_h + n_v}, {n_rest}), got {got}")
+        dual = dual.to(dtype=x.dtype, device=x.device)
     if mask is not None:
         m = torch.as_tensor(mask, device=x.device)
         if m.dtype != torch.bool:
@@ -600,67 +737,85 @@ def tv_prox(
                 f"mask of shape {tuple(m.shape)} is not broadcastable to x shape {tuple(shape)}"
             ) from exc
         m = m.reshape(lh, lw, -1)
-        mh = m[:, 1:] & m[:, :-1]
-        mv = m[1:] & m[:-1]
+        edge_mask = torch.cat(
+            [(m[:, 1:] & m[:, :-1]).reshape(n_h, n_rest), (m[1:] & m[:-1]).reshape(n_v, n_rest)]
+        )
     else:
-        m = mh = mv = None
+        m = edge_mask = None
+
+    def no_change():
+        u = x.clone()
+        return (u, x.new_zeros(n_h + n_v, n_rest)) if return_dual else u
+
     if t_float == 0 or lh * lw == 1 or x.numel() == 0:
-        return x.clone()
+        return no_change()
     x_scale = float(x.detach().abs().amax())
     if x_scale == 0:
-        return x.clone()
+        return no_change()
 
-    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    def split(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return z[:n_h].view(lh, lw - 1, n_rest), z[n_h:].view(lh - 1, lw, n_rest)
 
-    def grad(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        gh = u[:, 1:] - u[:, :-1]
-        gv = u[1:] - u[:-1]
-        if mh is not None:
-            gh = torch.where(mh, gh, zero)
-            gv = torch.where(mv, gv, zero)
-        return gh, gv
-
-    def grad_t(zh: torch.Tensor, zv: torch.Tensor) -> torch.Tensor:
-        # adjoint of ``grad`` (masked entries of z are always exactly zero);
-        # accumulated in place into a fresh buffer, never into an input
-        out = torch.zeros_like(X)
-        out[:, 1:] += zh
-        out[:, :-1] -= zh
-        out[1:] += zv
-        out[:-1] -= zv
+    def residual(z: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        # out = X - D^T z; masked entries of z are always exactly zero
+        zh, zv = split(z)
+        out.copy_(X)
+        out[:, 1:] -= zh
+        out[:, :-1] += zh
+        out[1:] -= zv
+        out[:-1] += zv
         return out
 
-    def project(z: torch.Tensor) -> torch.Tensor:
-        if kind == "l1":
-            return torch.clamp(z, -t_, t_)
-        norm = torch.linalg.vector_norm(z, dim=-1, keepdim=True)
-        return z * (t_ / torch.maximum(norm, t_))
+    def grad(r: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        # out = D r, unmasked: project_ zeroes the masked edges
+        gh, gv = split(out)
+        torch.sub(r[:, 1:], r[:, :-1], out=gh)
+        torch.sub(r[1:], r[:-1], out=gv)
+        return out
+
+    if kind == "l1":
+        # the box of radius t, of radius 0 on masked edges: one clamp projects and masks
+        hi = t_ if edge_mask is None else torch.where(edge_mask, t_, torch.zeros_like(t_))
+        lo = -hi
+
+        def project_(z: torch.Tensor) -> torch.Tensor:
+            return z.clamp_(lo, hi)
+
+    else:
+        keep = None if edge_mask is None else edge_mask.to(x.dtype)
+
+        def project_(z: torch.Tensor) -> torch.Tensor:
+            if keep is not None:
+                z.mul_(keep)
+            norm = torch.linalg.vector_norm(z, dim=-1, keepdim=True)
+            return z.mul_(t_ / torch.maximum(norm, t_))
 
     step = 1.0 / 8.0
-    zh = X.new_zeros(lh, lw - 1, X.shape[-1])
-    zv = X.new_zeros(lh - 1, lw, X.shape[-1])
-    yh, yv = zh, zv
+    # below the round-off of one update (step times an ulp of max|x|) the change is noise
+    stop = max(tol, step * torch.finfo(x.dtype).eps) * x_scale
+    z = X.new_zeros(n_h + n_v, n_rest) if dual is None else project_(dual.clone())
+    y, new, g = z.clone(), torch.empty_like(z), torch.empty_like(z)
+    r = torch.empty_like(X)
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
     tau = torch.ones((), dtype=x.dtype, device=x.device)
     for it in range(int(n_iter)):
-        gh, gv = grad(X - grad_t(yh, yv))
-        nh = project(yh + step * gh)
-        nv = project(yv + step * gv)
-        dh, dv = nh - zh, nv - zv
+        grad(residual(y, r), g)
+        project_(torch.add(y, g, alpha=step, out=new))
+        diff = torch.sub(new, z, out=z)  # z's buffer is free: new holds the next iterate
         # restart the momentum when the step goes against the gradient mapping
-        restart = ((yh - nh) * dh).sum() + ((yv - nv) * dv).sum() > 0
+        restart = torch.dot(torch.sub(y, new, out=g).view(-1), diff.view(-1)) > 0
         tau_next = (1 + torch.sqrt(1 + 4 * tau * tau)) / 2
         beta = torch.where(restart, zero, (tau - 1) / tau_next)
         tau = torch.where(restart, torch.ones_like(tau), tau_next)
-        yh, yv = nh + beta * dh, nv + beta * dv
-        zh, zv = nh, nv
-        if it % 10 == 9:
-            change = max(float(d.abs().amax()) for d in (dh, dv) if d.numel())
-            if change <= tol * x_scale:
-                break
-    u = X - grad_t(zh, zv)
+        torch.addcmul(new, beta, diff, out=y)
+        z, new = new, diff
+        if (it < 10 or it % 10 == 9) and float(diff.abs().amax()) <= stop:
+            break
+    u = residual(z, r)
     if m is not None:
         u = torch.where(m, u, X)
-    return u.reshape(shape)
+    u = u.reshape(shape)
+    return (u, z) if return_dual else u
 
 
 # ---------------------------------------------------------------------------
@@ -668,7 +823,11 @@ def tv_prox(
 # ---------------------------------------------------------------------------
 
 
-def tl1_prox(x: torch.Tensor, t: Scalar, a: Scalar) -> torch.Tensor:
+# Taylor coefficients of P(q) = 9 sin^2(asin(sqrt q) / 3) / q, for small steps (see tl1_prox)
+_TL1_SERIES = (1.0, 8 / 27, 112 / 729, 640 / 6561, 36608 / 531441)
+
+
+def tl1_prox(x: torch.Tensor, t: Scalar, a: Scalar, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """Proximal operator of the transformed l1 penalty (nonconvex), closed form.
 
     Parameters
@@ -680,12 +839,15 @@ def tl1_prox(x: torch.Tensor, t: Scalar, a: Scalar) -> torch.Tensor:
     a : float or 0-d torch.Tensor
         Shape parameter, ``a > 0``. Small ``a`` approaches the l0 penalty,
         large ``a`` the l1 penalty.
+    out : torch.Tensor, optional
+        Where to write the result (shape, dtype and device of ``x``); it may be
+        ``x`` itself or a view of it.
 
     Returns
     -------
     torch.Tensor
         A global minimiser of the (elementwise) prox objective, same shape,
-        dtype and device as ``x``.
+        dtype and device as ``x`` (``out`` if given).
 
     Notes
     -----
@@ -705,24 +867,54 @@ def tl1_prox(x: torch.Tensor, t: Scalar, a: Scalar) -> torch.Tensor:
               \\qquad \\varphi = \\arccos\\Bigl(1 - \\frac{27 t a (a+1)}
               {2 (a+|x|)^3}\\Bigr).
 
-    :math:`\\varphi` is evaluated as :math:`2 \\arcsin \\sqrt{\\delta / 2}`
-    with :math:`\\delta = 27ta(a+1)/(2(a+|x|)^3)`, which equals the arccos form
-    but keeps full relative accuracy when :math:`\\delta` is tiny (large
-    :math:`|x|`). At :math:`|x| = \\tau` in the second case both 0 and the
-    nonzero root are minimisers; 0 is returned. Cost :math:`O(\\text{numel})`.
+    With :math:`s = a + |x|`, :math:`q = 27 t a (a+1) / (4 s^3)` and
+    :math:`\\varphi = 2 \\arcsin \\sqrt q` (equal to the arccos form, and
+    accurate for tiny :math:`q`), the magnitude is evaluated without
+    cancellation as
+
+    .. math:: |u| = |x| - \\tfrac43 s \\sin^2 \\tfrac{\\varphi}{6}
+              = |x| - \\frac{t a (a+1)}{s^2} P(q), \\qquad
+              P(q) = 1 + \\tfrac{8}{27} q + \\tfrac{112}{729} q^2 + \\dots
+
+    (the second form is the stationarity condition :math:`u = x - t
+    \\rho_a'(u)`). When :math:`q \\le 27 t (a+1) / (4 a^2)` is small enough
+    that a few terms of :math:`P` are exact to the dtype's precision (the
+    small steps of a proximal-gradient fit), the polynomial is used: no
+    transcendental functions. At :math:`|x| = \\tau` in the second case both
+    0 and the nonzero root are minimisers; 0 is returned. Cost
+    :math:`O(\\text{numel})`.
     """
     _check_input(x)
     t_, t_float = _scalar(t, "t", x)
     a_, a_float = _scalar(a, "a", x, strictly_positive=True)
+    _check_out(out, x)
     if t_float == 0:
-        return x.clone()
+        return x.clone() if out is None else out.copy_(x)
     if t_float <= a_float * a_float / (2 * (a_float + 1)):
         thr = t_ * (a_ + 1) / a_
     else:
         thr = torch.sqrt(2 * t_ * (a_ + 1)) - a_ / 2
-    ax = x.abs()
-    s = a_ + ax
-    half_delta = 27 * t_ * a_ * (a_ + 1) / (4 * s * s * s)
-    phi = 2 * torch.asin(torch.sqrt(torch.clamp(half_delta, 0, 1)))
-    mag = (2.0 / 3.0) * s * torch.cos(phi / 3) - (2.0 / 3.0) * a_ + ax / 3
-    return torch.where(ax > thr, torch.sign(x) * mag, torch.zeros_like(x))
+    c = t_float * a_float * (a_float + 1)
+    # terms of P needed for the dtype's precision at the largest q (s = a); none: the closed form
+    q_max, eps = 27 * c / (4 * a_float**3), torch.finfo(x.dtype).eps
+    n_terms = next((k for k in range(1, len(_TL1_SERIES)) if _TL1_SERIES[k] * q_max**k <= eps / 8), None)
+    # in place on four full-size buffers (temporaries cost more than the arithmetic), with no
+    # boolean masks (slow on CPU): keep is 1 where |x| > thr, else 0 (a - b > 0 iff a > b)
+    mag = x.abs()
+    keep = torch.sub(mag, thr).clamp_min_(0).sign_()
+    r = torch.add(mag, a_float).reciprocal_()  # 1 / s
+    corr = torch.mul(r, r)
+    if n_terms is None:
+        corr.mul_(r).mul_(27 * c / 4).clamp_(max=1)  # q
+        corr.sqrt_().asin_().div_(3).sin_().square_().div_(r).mul_(4 / 3)  # (4/3) s sin^2(phi / 6)
+    else:
+        corr.mul_(c)  # c / s^2
+        if n_terms > 1:  # corr *= P(q), by Horner (in place on q when it is not needed twice)
+            q = r.mul_(corr).mul_(27 / 4)
+            poly = q.mul(_TL1_SERIES[n_terms - 1]) if n_terms > 2 else q.mul_(_TL1_SERIES[1])
+            for k in range(n_terms - 2, 0, -1):
+                poly.add_(_TL1_SERIES[k]).mul_(q)
+            corr.mul_(poly.add_(1.0))
+    mag.sub_(corr)
+    # 0 + |u| * (+-1 or +-0): the sign of x, and exact +0 below the threshold
+    return torch.addcmul(torch.zeros((), dtype=x.dtype, device=x.device), mag, keep.copysign_(x), out=out)

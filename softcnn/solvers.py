@@ -167,13 +167,14 @@ class NetProblem:
 
 
 def lbfgs(objective: Objective, params: Sequence[torch.Tensor], *, max_iter: int, tol: float,
-          verbose: int = 0) -> SolverResult:
+          n_iter_no_change: int = 10, verbose: int = 0) -> SolverResult:
     """Full-batch L-BFGS on one model: :func:`lbfgs_models` on a :class:`NetProblem`."""
-    return lbfgs_models(NetProblem(objective, params), max_iter=max_iter, tol=tol, verbose=verbose)[0]
+    return lbfgs_models(NetProblem(objective, params), max_iter=max_iter, tol=tol,
+                        n_iter_no_change=n_iter_no_change, verbose=verbose)[0]
 
 
-def lbfgs_models(problem, *, max_iter: int, tol: float, history: int = LBFGS_HISTORY,
-                 verbose: int = 0) -> list[SolverResult]:
+def lbfgs_models(problem, *, max_iter: int, tol: float, n_iter_no_change: int = 10,
+                 history: int = LBFGS_HISTORY, verbose: int = 0) -> list[SolverResult]:
     r"""L-BFGS on ``K`` independent models at once, each with its own history, step and stopping.
 
     ``problem`` holds the models' parameters as rows of a ``(K, P)`` tensor:
@@ -193,7 +194,10 @@ def lbfgs_models(problem, *, max_iter: int, tol: float, history: int = LBFGS_HIS
     :math:`J(x + t d) \le J(x) + 10^{-4} t\, g^\top d` holds with a finite
     value, so no accepted point is ever non-finite.
 
-    A model stops when the Euclidean norm of its gradient is below
+    A model stops when ``J`` has not decreased by at least
+    ``tol * max(|J|, 1)`` in each of more than ``n_iter_no_change``
+    consecutive iterations (``MLPClassifier``'s rule, with ``tol`` relative
+    once ``|J| > 1``), when the Euclidean norm of its gradient is below
     ``LBFGS_GNORM_FACTOR * tol`` while its last iteration lowered ``J`` by
     less than ``LBFGS_RTOL * tol`` (relative), when the relative decrease
     is below ``tol * 1e-6``, when no step decreases ``J``, or after
@@ -214,6 +218,7 @@ def lbfgs_models(problem, *, max_iter: int, tol: float, history: int = LBFGS_HIS
     rho = x.new_zeros(K, history)  # 0 marks an empty slot
     gamma = x.new_ones(K)
     n_pairs = torch.zeros(K, dtype=torch.long, device=x.device)
+    stalled = torch.zeros(K, dtype=torch.long, device=x.device)  # consecutive iterations below tol
     bar = tqdm(total=max_iter, desc="L-BFGS", disable=verbose <= 0, leave=False)
     for it in range(max_iter):
         if not active.any():
@@ -273,18 +278,22 @@ def lbfgs_models(problem, *, max_iter: int, tol: float, history: int = LBFGS_HIS
         decrease = f - f_new
         scale = torch.maximum(torch.maximum(f.abs(), f_new.abs()), torch.ones_like(f))
         small_step = decrease <= tol * 1e-6 * scale
+        stalled = torch.where(decrease < tol * scale, stalled + 1, 0)
+        no_change = stalled > n_iter_no_change
         # A small gradient alone is not enough: after a warm start the loss may pull
         # weakly along a direction where the optimum is far away (weak tying).
         flat = (torch.linalg.vector_norm(g_new, dim=1) <= tol * LBFGS_GNORM_FACTOR) & (
             decrease <= LBFGS_RTOL * tol * f_new.abs())
         x, f, g = x_new, f_new, g_new
-        done = accepted & (small_step | flat)
+        done = accepted & (small_step | flat | no_change)
         for k in accepted.nonzero().flatten().tolist():
             results[k].loss_curve.append(float(f[k]))
             results[k].n_iter = it + 1
         for k in done.nonzero().flatten().tolist():
             results[k].converged = True
-            results[k].message = "gradient below tol" if bool(flat[k]) else "relative decrease below tol * 1e-6"
+            results[k].message = ("gradient below tol" if bool(flat[k]) else
+                                  "relative decrease below tol * 1e-6" if bool(small_step[k]) else
+                                  f"decrease below tol for {n_iter_no_change} iterations")
         active &= ~done
         bar.update(1)
         if K == 1:

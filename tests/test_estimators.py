@@ -5,6 +5,7 @@ import warnings
 
 import numpy as np
 import pytest
+from sklearn.base import clone
 import torch
 from sklearn.datasets import load_digits
 from sklearn.exceptions import ConvergenceWarning
@@ -287,6 +288,25 @@ def test_warm_start_resumes_from_the_previous_weights(small_images):
     assert reg.loss_ <= loss * (1 + 1e-9)  # one more step from the optimum cannot undo the fit
     cold = fit_quietly(SoftConvRegressor(channels=2, max_iter=1, random_state=0), X, y)
     assert cold.loss_ > 10 * reg.loss_
+
+
+@pytest.mark.parametrize("n_iter_no_change", [3, 10])
+def test_lbfgs_stops_when_the_objective_stalls(small_images, n_iter_no_change):
+    """L-BFGS follows MLPClassifier's rule: more than n_iter_no_change iterations gaining < tol."""
+    X, y, _ = small_images
+    tol = 1e-3
+    reg = fit_quietly(SoftConvRegressor(channels=2, max_iter=1000, tol=tol, n_iter_no_change=n_iter_no_change,
+                                        random_state=0), X, y)
+    curve = np.asarray(reg.loss_curve_)
+    assert reg.n_iter_ < 1000 and len(curve) == reg.n_iter_
+    scale = np.maximum(np.maximum(np.abs(curve[:-1]), np.abs(curve[1:])), 1.0)
+    small = -np.diff(curve) < tol * scale
+    run = n_iter_no_change + 1
+    assert small[-run:].all()  # the stall that stopped it ...
+    assert not small[-run - 1]  # ... which began there, not earlier
+    # a longer patience runs at least as long from the same start
+    longer = fit_quietly(clone(reg).set_params(n_iter_no_change=n_iter_no_change + 20), X, y)
+    assert longer.n_iter_ > reg.n_iter_ and longer.loss_ <= reg.loss_
 
 
 def test_early_stopping_records_validation_scores(small_images):

@@ -20,6 +20,7 @@ from softcnn import (
 )
 from softcnn.cv import select_strengths
 from softcnn.datasets import make_soft_conv_data
+from softcnn.limits import _freeze_deviations
 
 
 @pytest.fixture(scope="module")
@@ -45,13 +46,15 @@ def test_path_goes_from_strong_to_weak_and_loosens_the_ties(cnn_data):
 
 
 def test_path_points_equal_warm_started_fits(cnn_data):
-    """Each point is the fit warm-started from the previous one, nothing else."""
+    """The first point is warm-started from the CNN limit, each later one from the previous point."""
     X, y = cnn_data
     est = SoftConvRegressor(channels=2, max_iter=50, random_state=0)
     path = soft_conv_path(est, X, y, values=[1.0, 0.01], return_weights=True)
     by_hand = clone(est).set_params(warm_start=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
+        by_hand._fit(X, y, None, incremental=False, _constrain=_freeze_deviations)  # the CNN limit
+        assert by_hand.tying_deviation_ < 1e-12
         for t in (1.0, 0.01):
             by_hand.set_params(tying=t).fit(X, y)
     state = by_hand.network_.state_dict()

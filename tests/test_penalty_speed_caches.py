@@ -1,0 +1,294 @@
+"""The fast paths of the penalties and proxes give the results of the plain computations.
+
+Warm-started TV, the closed-form nested prox, the small-step TL1 series, the masked (batched)
+pairwise prox, ``out=`` writes, and the per-layer caches of the penalty objects (never shared
+between layers, dropped by copies and pickles).
+"""
+
+import copy
+import gc
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from sklearn.exceptions import ConvergenceWarning
+from test_proximal import random_layer
+
+from softcnn import SoftConvRegressor
+from softcnn.datasets import make_soft_conv_data
+from softcnn.penalties import (
+    LocalityFullRings,
+    LocalityRings,
+    SparsityTL1,
+    TyingGroupGrid,
+    TyingL1All,
+    TyingL1Grid,
+    ring_groups,
+)
+from softcnn.prox import (
+    nested_group_prox,
+    pairwise_l1_prox,
+    soft_threshold,
+    tl1_prox,
+    tv_prox,
+)
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+# ------------------------------------------------------------------ tv_prox
+@pytest.mark.parametrize("kind", ["l1", "group"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_tv_warm_start_gives_the_cold_result(kind, masked):
+    g = _gen(0)
+    x = torch.randn(20, 3, dtype=torch.float64, generator=g)
+    mask = torch.rand(20, 3, generator=g) < 0.8 if masked else None
+    cold, dual = tv_prox(x, 0.3, (4, 5), kind=kind, mask=mask, return_dual=True)
+    assert dual.shape == (4 * 4 + 3 * 5, 3)
+    assert torch.equal(cold, tv_prox(x, 0.3, (4, 5), kind=kind, mask=mask))  # same iterates
+    x2 = x + 0.05 * torch.randn(x.shape, dtype=x.dtype, generator=g)
+    kept = dual.clone()
+    for start in (dual, 10 * torch.randn(dual.shape, dtype=x.dtype, generator=g)):  # any start is valid
+        warm = tv_prox(x2, 0.2, (4, 5), kind=kind, mask=mask, dual=start)
+        torch.testing.assert_close(warm, tv_prox(x2, 0.2, (4, 5), kind=kind, mask=mask), atol=1e-8, rtol=0)
+    assert torch.equal(dual, kept)  # the start is not modified
+    # one iteration from its own solution stays there
+    again = tv_prox(x, 0.3, (4, 5), kind=kind, mask=mask, dual=dual, n_iter=1)
+    torch.testing.assert_close(again, cold, atol=1e-9, rtol=0)
+    if mask is not None:
+        assert torch.equal(again[~mask], x[~mask])
+
+
+def test_tv_dual_checks_and_trivial_cases():
+    x = torch.randn(6, 2, dtype=torch.float64, generator=_gen(1))
+    with pytest.raises(ValueError, match="dual"):
+        tv_prox(x, 0.1, (2, 3), dual=torch.zeros(3, 2, dtype=torch.float64))
+    u, dual = tv_prox(x, 0.0, (2, 3), return_dual=True)
+    assert torch.equal(u, x) and torch.equal(dual, torch.zeros(2 * 2 + 1 * 3, 2, dtype=torch.float64))
+
+
+def test_tv_float32_stops_at_round_off_and_matches_float64():
+    """The dual of a float32 solve cannot settle below round-off: it stops there, at the
+    accuracy of a full run (previously every float32 call ran all n_iter iterations)."""
+    g = _gen(2)
+    x = 0.01 * torch.randn(28 * 28, 40, generator=g)
+    for t in (1e-7, 1e-5):
+        ref = tv_prox(x.double(), t, (28, 28), n_iter=3000, tol=0.0)
+        full = tv_prox(x, t, (28, 28), tol=0.0)  # all 200 iterations
+        fast = tv_prox(x, t, (28, 28))
+        scale = float(x.abs().max()) * torch.finfo(torch.float32).eps
+        err_full = float((full.double() - ref).abs().max())
+        assert float((fast.double() - ref).abs().max()) <= max(2 * err_full, 4 * scale)
+
+
+def test_tying_tv_prox_warm_starts_per_layer():
+    pen = TyingL1Grid()
+    a, b = random_layer(0), random_layer(1, support=5, image=(5, 4), channels=(1, 3), k=3)
+    for layer in (a, b, a):  # two geometries: each layer has its own dual
+        ref = copy.deepcopy(layer)
+        pen.prox(layer, 0.5)
+        TyingL1Grid().prox(ref, 0.5)  # cold
+        torch.testing.assert_close(layer.deviations(), ref.deviations(), atol=1e-8, rtol=0)
+    assert len(pen._layer_state) == 2
+    # copies and pickles start cold and still work
+    for clone in (copy.deepcopy(pen), pickle.loads(pickle.dumps(pen))):
+        assert "_layer_state" not in vars(clone)
+        clone.prox(copy.deepcopy(a), 0.5)
+    assert repr(pen) == "TyingL1Grid()"
+    # the cache does not keep a layer alive
+    del a, ref, layer
+    gc.collect()
+    assert len(pen._layer_state) == 1
+
+
+def test_tying_group_tv_cache_follows_dtype():
+    pen = TyingGroupGrid()
+    layer = random_layer(3)
+    pen.prox(layer, 0.5)
+    layer.float()
+    pen.prox(layer, 0.5)  # the float64 dual is not reused for a float32 layer
+    assert pen._layer_state[layer]["tv_dual"][1].dtype == torch.float32
+
+
+# ---------------------------------------------------------- nested / rings
+def composed_nested(x, t, groups, weights):
+    """The definition: block soft thresholding of each group in turn, smallest first."""
+    u = x.clone()
+    for g, w in zip(groups, weights):
+        norm = torch.linalg.vector_norm(u[..., g], dim=-1, keepdim=True)
+        factor = torch.clamp(1 - t * w / norm, min=0)
+        u[..., g] = torch.where(norm > t * w, u[..., g] * factor, torch.zeros_like(u[..., g]))
+    return u
+
+
+@pytest.mark.parametrize("t", [0.05, 0.5, 3.0])
+def test_nested_closed_form_equals_the_composition(t):
+    g = _gen(4)
+    groups = torch.tensor([[1, 0, 0, 0, 0, 0], [1, 0, 1, 0, 0, 0], [1, 1, 1, 0, 1, 0]], dtype=torch.bool)
+    weights = torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64)
+    x = torch.randn(7, 3, 6, dtype=torch.float64, generator=g)
+    x[0, 0] = 0.0
+    ref = composed_nested(x, t, groups, weights)
+    u = nested_group_prox(x, t, groups, weights=weights)
+    torch.testing.assert_close(u, ref, atol=1e-12, rtol=0)
+    assert torch.equal(u == 0, ref == 0) and not torch.signbit(u[u == 0]).any()  # exact +0
+    torch.testing.assert_close(nested_group_prox(x.transpose(0, 2), t, groups, dim=0, weights=weights),
+                               ref.transpose(0, 2), atol=1e-12, rtol=0)
+    y = x.clone()
+    assert nested_group_prox(y, t, groups, weights=weights, out=y) is y  # in place
+    torch.testing.assert_close(y, u, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="out"):
+        nested_group_prox(x, t, groups, out=torch.empty(3))
+
+
+@pytest.mark.parametrize("pen_cls", [LocalityRings, LocalityFullRings])
+def test_rings_value_and_cached_groups(pen_cls):
+    pen = pen_cls()
+    a = random_layer(5, support=5, image=(4, 4), channels=(2, 2), k=3)
+    b = random_layer(6, support=7, image=(5, 5), channels=(1, 2), k=3)
+    for layer in (a, b, a):
+        groups = ring_groups(layer, full=pen.full).repeat(1, layer.in_channels)
+        w = layer.kernels()[..., :-1]
+        ref = sum(torch.linalg.vector_norm(w[..., row], dim=-1).sum() for row in groups)
+        torch.testing.assert_close(pen.layer_value(layer), ref)
+        assert torch.equal(pen._groups(layer), groups)  # the cache holds this layer's groups
+    # the value's gradient is finite at zero groups (like a norm's)
+    z = random_layer(5, support=5, image=(4, 4), channels=(2, 2), k=3)
+    with torch.no_grad():
+        z.shared.zero_()
+        z.deviation.zero_()
+    pen.layer_value(z).backward()
+    assert torch.isfinite(z.shared.grad).all()
+
+
+# ------------------------------------------------------------------ tl1
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("a", [0.2, 1.0, 4.0])
+def test_tl1_small_step_series_matches_the_trigonometric_form(dtype, a):
+    """For small t the prox uses a polynomial; it agrees with the closed form in float64."""
+    x = 0.3 * torch.randn(5000, dtype=torch.float64, generator=_gen(7))
+    for t in (1e-9, 1e-7, 1e-5, 1e-3):
+        s = a + x.abs()
+        phi = 2 * torch.asin(torch.sqrt(27 * t * a * (a + 1) / (4 * s**3)))
+        ref = torch.sign(x) * ((2 / 3) * s * torch.cos(phi / 3) - 2 * a / 3 + x.abs() / 3)
+        ref = torch.where(x.abs() > t * (a + 1) / a, ref, torch.zeros_like(x))
+        u = tl1_prox(x.to(dtype), t, a)
+        tol = 4 * torch.finfo(dtype).eps * (a + 0.3 * 5)
+        torch.testing.assert_close(u.double(), ref, atol=tol, rtol=0)
+        assert torch.equal(u == 0, ref == 0) and not torch.signbit(u[u == 0]).any()
+
+
+def test_elementwise_out_writes_in_place():
+    x = torch.randn(4, 5, dtype=torch.float64, generator=_gen(8))
+    for fn in (lambda v, **kw: soft_threshold(v, 0.3, **kw), lambda v, **kw: tl1_prox(v, 0.3, 0.7, **kw),
+               lambda v, **kw: tl1_prox(v, 1e-6, 0.7, **kw)):
+        y = x.clone()
+        view = y[:, 1:]
+        assert fn(view, out=view).data_ptr() == view.data_ptr()
+        torch.testing.assert_close(y[:, 1:], fn(x[:, 1:]), atol=0, rtol=0)
+        assert torch.equal(y[:, 0], x[:, 0])
+
+
+def test_sparsity_tl1_prox_is_the_elementwise_prox():
+    layer = random_layer(9)
+    w0 = (layer.shared_kernel().unsqueeze(0) + layer.deviations()).detach()
+    m0 = layer.shared_kernel().detach().clone()
+    SparsityTL1(0.5).prox(layer, 2.0)
+    t = 2.0 / layer.n_positions
+    ex = layer.mask.unsqueeze(1).expand_as(w0)
+    w1 = layer.kernels().detach()
+    ref = w0.clone()
+    ref[..., :-1] = tl1_prox(w0[..., :-1], t, 0.5)
+    torch.testing.assert_close(w1[ex], ref[ex], atol=1e-12, rtol=0)
+    torch.testing.assert_close(layer.shared_kernel()[:, :-1], tl1_prox(m0[:, :-1], t, 0.5), atol=0, rtol=0)
+
+
+# ------------------------------------------------------------ pairwise / all
+def test_masked_pairwise_equals_the_prox_of_the_existing_entries():
+    g = _gen(10)
+    x = torch.randn(9, 4, 3, dtype=torch.float64, generator=g)
+    x[:3, 0, 0] = x[5, 0, 0]  # ties
+    mask = torch.rand(9, 4, 3, generator=g) < 0.7
+    mask[:, 1, 1] = False
+    mask[:, 2, 2] = False
+    mask[4, 2, 2] = True  # a single entry
+    for t in (0.0, 0.01, 0.2, 5.0):
+        u = pairwise_l1_prox(x, t, dim=0, mask=mask)
+        for i in range(4):
+            for j in range(3):
+                col, m = x[:, i, j], mask[:, i, j]
+                if m.sum() > 1:
+                    torch.testing.assert_close(u[m, i, j], pairwise_l1_prox(col[m], t), atol=1e-12, rtol=0)
+                assert torch.equal(u[~m, i, j], col[~m]) if m.sum() > 1 else torch.equal(u[:, i, j], col)
+
+
+def test_pairwise_no_violation_fast_path_is_exact():
+    x = torch.linspace(0, 1, 50, dtype=torch.float64)[:, None].repeat(1, 3)
+    x[:, 1] = x[:, 1].flip(0)
+    x[10:13, 2] = 0.2  # a tie: this column pools
+    u = pairwise_l1_prox(x, 1e-4, dim=0)
+    ramp = 2 * torch.arange(1, 51, dtype=torch.float64) - 51
+    torch.testing.assert_close(u[:, 0], x[:, 0] - 1e-4 * ramp, atol=1e-15, rtol=0)
+    assert len(set(u[10:13, 2].tolist())) == 1
+
+
+def reference_l1_all(layer, t=None):
+    """Tying l1/all the plain way: one entry (output channel, offset) at a time."""
+    w = (layer.shared_kernel().unsqueeze(0) + layer.deviations()).detach()
+    out, total = w.clone(), 0.0
+    for f in range(w.shape[1]):
+        for k in range(w.shape[2]):
+            m = layer.mask[:, k]
+            x = w[m, f, k]
+            xs = x.sort().values
+            n = xs.numel()
+            total += float(((2 * torch.arange(1, n + 1, dtype=xs.dtype) - n - 1) * xs).sum())
+            if t is not None and n > 1:
+                out[m, f, k] = pairwise_l1_prox(x, t)
+    return out, total / (layer.n_positions - 1)
+
+
+def test_tying_l1_all_batched_equals_per_entry():
+    layer = random_layer(11, support=5, image=(4, 5), channels=(2, 2), k=3)
+    pen = TyingL1All()
+    step = 3.0
+    t = step / layer.n_positions / (layer.n_positions - 1)
+    ref, value = reference_l1_all(layer, t)
+    assert float(pen.layer_value(layer).detach()) == pytest.approx(value, rel=1e-12)
+    pen.prox(layer, step)
+    ex = layer.mask.unsqueeze(1).expand_as(ref)
+    torch.testing.assert_close(layer.kernels().detach()[ex], ref[ex], atol=1e-12, rtol=0)
+
+
+def test_writes_keep_absent_offsets_exactly():
+    layer = random_layer(12)
+    absent = ~layer.mask.unsqueeze(1).expand_as(layer.deviation)
+    d0 = layer.deviation.detach().clone()
+    for pen in (LocalityRings(), SparsityTL1(), TyingL1All(), TyingL1Grid()):
+        pen.prox(layer, 0.7)
+        assert torch.equal(layer.deviation.detach()[absent], d0[absent])
+
+
+def test_penalty_state_is_per_penalty_and_per_layer():
+    a, b = random_layer(13), random_layer(14)
+    p, q = LocalityRings(), LocalityRings()
+    p.prox(a, 0.5)
+    q.prox(b, 0.5)
+    assert list(p._layer_state.keys()) == [a] and list(q._layer_state.keys()) == [b]
+    np.testing.assert_array_equal(p._groups(a).numpy(), q._groups(b).numpy())  # same geometry
+
+
+def test_a_fitted_estimator_keeps_no_penalty_scratch_state():
+    """The TV dual (twice the deviations) and the caches end with the fit, not with the estimator."""
+    X, y, _ = make_soft_conv_data(60, (6, 6), random_state=0)
+    est = SoftConvRegressor(channels=2, tying=0.1, tying_penalty="l1", tying_graph="grid", max_iter=5,
+                            random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est.fit(X, y)
+    tv = [pen for _, pen in est.penalties_ if isinstance(pen, TyingL1Grid)]
+    assert tv and all("_layer_state" not in vars(pen) for _, pen in est.penalties_)
