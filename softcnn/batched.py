@@ -226,7 +226,7 @@ def fit_together(estimators: Sequence, Xs: Sequence, ys: Sequence, sample_weight
     sample_weights : sequence of array-like or None, default=None
     batch : {'auto', True, False}, default='auto'
         ``'auto'``: stack the fits that L-BFGS solves (smooth penalties, same
-        architecture, ``max_iter`` and ``tol``), as many at once as fit in
+        architecture and stopping parameters), as many at once as fit in
         half the free memory of their device (:func:`fit_memory`); ``True``:
         stack all stackable fits regardless of memory; ``False``: one at a time.
     constrain : callable, optional
