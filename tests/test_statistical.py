@@ -5,6 +5,8 @@ Claims (issue "honest statistical tests"):
 1. CV chooses stronger tying on CNN-made data than on region-made data.
 2. On region-made data CV never chooses the strongest tying.
 3. ``selection='1se'`` never chooses weaker tying than ``'min'``.
+4. A ``tying_graph='grid'``, ``tying_penalty='l1'`` fit recovers the region boundary (its
+   kernels' two groups agree with the true halves on >= 90% of the interior positions).
 
 Data design (one design for both teachers, nothing tuned on the outcome)
 ------------------------------------------------------------------------
@@ -175,7 +177,50 @@ exactly the one grid step the test requires (1 vs 0.1).
 The boundary-recovery claim ('grid', 'l1' fit, >= 90% agreement) was re-run in
 this design (``n_init=3``, tying chosen on a 700/300 split among 0.1, 0.01, 1e-3):
 seed 0 chose 0.01 and reached agreement 0.75 (FISTA at max_iter=300). It still
-FAILS and is not tested.
+FAILED then.
+
+Fourth study: boundary recovery (claim 4)
+-----------------------------------------
+Diagnosis. The data are not the obstacle; the optimiser is. Started from the
+teacher's own weights, the same student (tying 0.01, 700/300 split) reaches a
+LOWER training objective than every cold fit on all 5 seeds (seed 0: 0.0125 vs
+0.0192; seed 3: 0.026 vs 0.048), with agreement 1.00 on every seed. Random
+starts rarely get there: of 8 smooth L-BFGS starts per seed almost all stopped
+above it, with agreement 0.53-1.00 and held-out R^2 -0.1 to 0.85 (a tiny kernel
+with tanh in its linear range is one trap). The valley is ill-conditioned: with
+``tol=1e-10`` fits keep descending for 2000-5000 iterations, and FISTA does the
+same, so "FISTA at max_iter" is the problem's conditioning, not a solver bug.
+Also, the spread of y varies 80-fold over seeds 0-4, so one tying meant very
+different things relative to the data term.
+
+Design (``_boundary_fit``). ``DATA_LARGE``, teacher 'regions'; y standardised
+(tying in units of var(y)); first 700 images train, last 300 held out. Stage 1:
+the smooth 'grid'/'l2' fit at tying 0.1 with ``n_init=10`` (the best of 10
+starts, cheap with L-BFGS). Stage 2, the fit the claim is about: the 'grid'/'l1'
+fit at the same tying, FISTA, warm-started from stage 1, ``max_iter=500``.
+Measure: as in study (b) above (k-means on the 36 interior kernel vectors, 0.5
+if all fused into one). Not fixed blind: before it, the same pipeline was run
+with ``kernel_scale=1``; tying 0.1 and 10 starts were chosen after seeing all 5
+seeds (not the test seed alone). Results (held-out R^2; 0.92 attainable):
+
+    seed  agreement  R^2   (FISTA 500 iterations, at max_iter on every seed)
+    0     1.00       .87
+    1     0.97       .82
+    2     1.00       .86
+    3     1.00       .76
+    4     1.00       .77
+
+Checks run afterwards: tying 0.03 gives agreement 1.00 .92 1.00 1.00 .97 (5/5),
+tying 0.3 .86 .97 1.00 .92 1.00 (4/5); FISTA run to 2000 iterations at 0.1 gives
+1.00 .97 1.00 1.00 1.00. Tested on seed 0 with agreement >= 0.9 and held-out
+R^2 >= 0.7 (a guard against a spurious basin; 12 s).
+
+What this does NOT show. The smooth stage already finds the halves (agreement
+1.00 .97 1.00 1.00 1.00 before the l1 stage); the l1 stage keeps them. Exact
+fusion does not happen: the fused lasso leaves the interior in 8-36 exactly tied
+pieces, so "connected components of exactly fused neighbours match the halves"
+FAILS on every seed (agreement 0.03-0.25 by that measure). The effect of
+standardising y and of 10 starts was not separated.
 """
 
 from __future__ import annotations
@@ -184,9 +229,10 @@ import warnings
 
 import numpy as np
 import pytest
+from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 
-from softcnn import SoftConvRegressorCV
+from softcnn import SoftConvRegressor, SoftConvRegressorCV
 from softcnn.cv import select_strengths
 from softcnn.datasets import make_soft_conv_data
 
@@ -263,3 +309,46 @@ def test_cv_ties_cnn_data_more_strongly_than_region_data():
             assert cv.tying_ == cv.tyings_[cv.index_min_[1]]
     assert chosen["regions"] < max(TYINGS)
     assert chosen["cnn"] >= 10 * chosen["regions"]
+
+
+# --------------------------------------------------------------- claim 4
+BOUNDARY_SEED = 0  # fixed before any result was seen, as SEED
+
+
+def _interior_agreement(kernels, regions) -> float:
+    """k-means (2 groups) on the interior positions' kernel vectors vs the true halves, up to label swap."""
+    H, W = regions.shape
+    inner = np.zeros((H, W), dtype=bool)
+    inner[1:-1, 1:-1] = True  # positions where all 9 offsets exist
+    v = kernels.reshape(H, W, -1)[inner]
+    if np.ptp(v, axis=0).max() <= 1e-6 * np.abs(v).max():
+        return 0.5  # everything fused into one kernel: no two groups
+    labels = KMeans(2, n_init=10, random_state=0).fit_predict(v)
+    agree = float(np.mean(labels == regions[inner]))
+    return max(agree, 1.0 - agree)
+
+
+def _boundary_fit(seed: int):
+    """Fourth study's design: the 'grid'/'l1' fit at tying 0.1, started from the best of 10 'grid'/'l2' fits."""
+    X, y, info = make_soft_conv_data(teacher="regions", random_state=seed, **DATA_LARGE)
+    y = (y - y.mean()) / y.std()  # tying in units of var(y): the spread of y varies 80-fold over seeds
+    student = SoftConvRegressor(channels=1, kernel_size=3, support=3, pooling="avg", tying=0.1,
+                                tying_penalty="l2", tying_graph="grid", n_init=10, max_iter=1000,
+                                random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        student.fit(X[:700], y[:700])
+        student.set_params(tying_penalty="l1", solver="fista", warm_start=True, max_iter=500)
+        student.fit(X[:700], y[:700])
+    kernels = student.network_.soft_layers[0].kernels().detach().cpu().numpy()[:, 0, :]
+    return _interior_agreement(kernels, info.regions), student.score(X[700:], y[700:])
+
+
+@pytest.mark.slow
+def test_grid_l1_tying_recovers_region_boundary():
+    """Claim 4 on seed BOUNDARY_SEED: the fused-lasso groups agree with the true halves on >= 90%."""
+    agreement, r2 = _boundary_fit(BOUNDARY_SEED)
+    assert agreement >= 0.9
+    # and the kernels estimate the teacher's (0.92 attainable; spurious basins scored -0.1 to 0.85)
+    assert r2 >= 0.7
+
