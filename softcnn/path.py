@@ -246,15 +246,19 @@ def _fit_paths(estimator, tracks: list[Track], params: tuple, points: list, *, r
     from .limits import _freeze_deviations
 
     ests = [clone(estimator).set_params(warm_start=True) for _ in tracks]
-    data = ([t.X for t in tracks], [t.y for t in tracks], [t.sample_weight for t in tracks])
+
+    def solve(constrain=None):  # path points are not converged fits to warn about one by one
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            fit_together(ests, [t.X for t in tracks], [t.y for t in tracks], [t.sample_weight for t in tracks],
+                         batch=batch, constrain=constrain)
+
     start = time.perf_counter()
     if "tying" in params and points[0][params.index("tying")] > 0:
         # start at the CNN limit (see soft_conv_path); tying=0 keeps L-BFGS for a smooth rest
         for est in ests:
             est.set_params(**{**dict(zip(params, points[0])), "tying": 0.0})
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            fit_together(ests, *data, batch=batch, constrain=_freeze_deviations)
+        solve(constrain=_freeze_deviations)
     scorer = check_scoring(ests[0], scoring=scoring)
     records = [{k: [] for k in ("train_loss", "train_score", "validation_score", "fit_time", *_DIAGNOSTICS)}
                for _ in tracks]
@@ -268,9 +272,7 @@ def _fit_paths(estimator, tracks: list[Track], params: tuple, points: list, *, r
                 set_fitted_state(est, state)
         for est in ests:
             est.set_params(**dict(zip(params, point)))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            fit_together(ests, *data, batch=batch)
+        solve()
         elapsed = (time.perf_counter() - start) / len(tracks)  # a shared run: split evenly
         if row_start:
             row_starts = [fitted_state(est) for est in ests]
