@@ -26,6 +26,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from .estimators import _atomic_fit, _blas_controller
+from .limits import Frozen
 from .solvers import NetProblem, Objective, lbfgs_models
 
 __all__ = ["StackedProblem", "fit_together", "can_stack", "fit_memory"]
@@ -195,8 +196,10 @@ def _groups(problems, batch) -> list[list[int]]:
         return [[i] for i in range(len(problems))]
     groups: dict = {}
     for i, (est, prob) in enumerate(problems):
-        key = (prob.solver, est.max_iter, est.tol, est.n_iter_no_change, bool(prob.hooks), _signature(prob.objective))
-        stackable = prob.solver == "lbfgs" and not prob.hooks and not prob.objective.nonsmooth_penalties
+        trained = tuple(p.requires_grad for p in prob.objective.net.parameters())
+        key = (prob.solver, est.max_iter, est.tol, est.n_iter_no_change, trained, _signature(prob.objective))
+        masked = any(not isinstance(h, Frozen) for h in prob.hooks)  # gradient hooks act per model
+        stackable = prob.solver == "lbfgs" and not masked and not prob.objective.nonsmooth_penalties
         groups.setdefault(key if stackable else ("alone", i), []).append(i)
     out = []
     for members in groups.values():
@@ -230,9 +233,11 @@ def fit_together(estimators: Sequence, Xs: Sequence, ys: Sequence, sample_weight
         half the free memory of their device (:func:`fit_memory`); ``True``:
         stack all stackable fits regardless of memory; ``False``: one at a time.
     constrain : callable, optional
-        ``constrain(network)`` freezes entries of each fit's network (returns
-        gradient hooks, removed after the fit), as :mod:`softcnn.limits` does;
-        such fits are not stacked.
+        ``constrain(network)`` freezes entries of each fit's network, as
+        :mod:`softcnn.limits` does, and returns handles removed after the fit:
+        whole parameters taken out of the fit (:class:`softcnn.limits.Frozen`,
+        still stacked with fits frozen alike) or gradient hooks masking
+        entries (such fits are not stacked).
 
     Returns
     -------
@@ -245,7 +250,7 @@ def fit_together(estimators: Sequence, Xs: Sequence, ys: Sequence, sample_weight
     decision, and is evaluated on its own data (padded with zero-weight
     samples), so it follows the same iterates as its own fit up to
     floating-point summation order. Fits that cannot be stacked (FISTA,
-    Adam/SGD, frozen entries) run one at a time.
+    Adam/SGD, gradient-masked entries) run one at a time.
     """
     if sample_weights is None:
         sample_weights = [None] * len(estimators)

@@ -64,7 +64,7 @@ def _fold_paths(estimator, X, y, sample_weight, folds, tyings, localities, scori
     tracks = [Track(_safe_indexing(X, train), y[train], part(train, sample_weight),
                     _safe_indexing(X, test), y[test], part(test, sample_weight)) for train, test in folds]
     records = _fit_paths(estimator, tracks, ("tying", "locality"), [(t, l) for l in localities for t in tyings],
-                         row_length=len(tyings), scoring=scoring)
+                         row_length=len(tyings), scoring=scoring, train_score=False)
     return [r["validation_score"].reshape(len(localities), len(tyings)) for r in records]
 
 

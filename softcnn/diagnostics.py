@@ -33,7 +33,10 @@ def tying_deviation(net) -> float:
     num = den = 0.0
     for layer in net.soft_layers:
         w = layer.kernels()
-        resid = (w - layer.mean_kernel()) * layer.mask.unsqueeze(1)
+        # w_p - w̄ = d_p - mean(d): from the deviations, so that a CNN reads exactly 0
+        d = layer.masked_deviation()
+        count = layer.mask.sum(0).clamp(min=1).to(d.dtype)
+        resid = (d - d.sum(0) / count) * layer.mask.unsqueeze(1)
         num += float(resid.pow(2).sum())
         den += float(w.pow(2).sum())
     return _ratio(num, den)

@@ -447,9 +447,10 @@ class BaseSoftConv(BaseEstimator, metaclass=ABCMeta):
         for _, pen in problem.penalties:
             pen.clear_state()  # warm starts and caches (a TV dual: twice the deviations) end with the fit
         n_snapped = sum(layer.snap(float(self.threshold)) for layer in net.soft_layers)
-        # Adam/SGD report the last epoch's mean objective, as MLPClassifier does (no extra pass)
-        stochastic_ok = solver in ("adam", "sgd") and result.loss_curve and not n_snapped
-        final_loss = result.loss_curve[-1] if stochastic_ok else objective.total()
+        # No extra pass over the data: L-BFGS's last value is J at the final weights (all of J
+        # is smooth there); Adam/SGD report the last epoch's mean, as MLPClassifier does.
+        known = solver in ("lbfgs", "adam", "sgd") and result.loss_curve and not n_snapped and not result.diverged
+        final_loss = result.loss_curve[-1] if known else objective.total()
 
         # Everything below only assigns: the estimator changes all at once.
         for name, value in problem.target_attrs.items():

@@ -196,13 +196,29 @@ def _patterns(layer):
         yield patterns[j].nonzero().squeeze(1), (inverse == j).nonzero().squeeze(1)
 
 
-def _freeze_deviations(net):
-    hooks = []
+class Frozen:
+    """A parameter taken out of the fit (``requires_grad=False``); ``remove()`` puts it back, like a hook's handle.
+
+    Unlike a gradient mask, a frozen parameter is not part of the solver's
+    vector at all: no gradient is computed for it, and fits frozen alike can
+    still be stacked (:func:`softcnn.batched.fit_together`).
+    """
+
+    def __init__(self, param: torch.nn.Parameter):
+        self.param = param.requires_grad_(False)
+
+    def remove(self) -> None:
+        self.param.requires_grad_(True)
+
+
+def _freeze_deviations(net) -> list[Frozen]:
+    """The CNN limit: every deviation fixed at zero, out of the fit."""
+    frozen = []
     for layer in net.soft_layers:
         with torch.no_grad():
             layer.deviation.zero_()
-        hooks.append(layer.deviation.register_hook(torch.zeros_like))
-    return hooks
+        frozen.append(Frozen(layer.deviation))
+    return frozen
 
 
 def tying_max(estimator, X, y, sample_weight=None) -> float:

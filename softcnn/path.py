@@ -233,14 +233,16 @@ class Track:
 
 
 def _fit_paths(estimator, tracks: list[Track], params: tuple, points: list, *, row_length: int | None = None,
-               scoring=None, return_weights: bool = False, verbose: int = 0, batch="auto") -> list[dict]:
+               scoring=None, return_weights: bool = False, verbose: int = 0, batch="auto",
+               train_score: bool = True) -> list[dict]:
     """Warm-started fits of ``estimator`` at ``points`` (strengths of ``params``), one path per track.
 
     The tracks move through the points together: at each point all their
     fits are solved as one batched model where they can be
     (:func:`softcnn.batched.fit_together`). For a grid (``row_length``
     points per row), each row starts from the first point of the previous
-    row. Returns per track the per-point arrays of :class:`SoftConvPath`.
+    row. Returns per track the per-point arrays of :class:`SoftConvPath`
+    (``train_score=False``: no training score, one prediction pass less a point).
     """
     from .batched import fit_together
     from .limits import _freeze_deviations
@@ -279,7 +281,7 @@ def _fit_paths(estimator, tracks: list[Track], params: tuple, points: list, *, r
         for est, t, record, w in zip(ests, tracks, records, weights):
             record["fit_time"].append(elapsed)
             record["train_loss"].append(est.loss_)
-            record["train_score"].append(_score(scorer, est, t.X, t.y, t.sample_weight))
+            record["train_score"].append(_score(scorer, est, t.X, t.y, t.sample_weight) if train_score else np.nan)
             record["validation_score"].append(
                 _score(scorer, est, t.X_val, t.y_val, t.sample_weight_val) if t.X_val is not None else np.nan
             )

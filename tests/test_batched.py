@@ -14,6 +14,7 @@ from softcnn import SoftConvClassifier, SoftConvClassifierCV, SoftConvRegressor
 from softcnn import batched
 from softcnn.batched import StackedProblem, can_stack, fit_together
 from softcnn.datasets import load_digits_images, make_soft_conv_data
+from softcnn.limits import _freeze_deviations
 from softcnn.solvers import lbfgs, lbfgs_models
 
 
@@ -118,6 +119,30 @@ def test_fits_that_cannot_be_stacked_run_one_at_a_time(folds):
     for a, b in zip(alone, together):
         assert b.solver_ == "fista"
         np.testing.assert_array_equal(weights(a), weights(b))
+
+
+def test_fits_with_frozen_deviations_are_stacked_and_equal_one_at_a_time(folds):
+    """The CNN limit (deviations out of the fit) stacks; a gradient-masked fit does not."""
+    Xs, ys = folds
+    est = SoftConvClassifier(channels=2, tying=0.0, max_iter=20, random_state=0)
+
+    def problems(constrain):
+        return [(e, e._prepare_fit(X, y, None, incremental=False, _constrain=constrain))
+                for e, X, y in zip([clone(est) for _ in Xs], Xs, ys)]
+
+    def masked(net):  # the same constraint as a gradient hook
+        return [layer.deviation.register_hook(torch.zeros_like) for layer in net.soft_layers]
+
+    assert [len(g) for g in batched._groups(problems(_freeze_deviations), "auto")] == [3]
+    assert [len(g) for g in batched._groups(problems(masked), "auto")] == [1, 1, 1]
+    alone = [quiet(lambda X=X, y=y: clone(est)._fit(X, y, None, incremental=False,
+                                                     _constrain=_freeze_deviations)) for X, y in zip(Xs, ys)]
+    together = quiet(lambda: fit_together([clone(est) for _ in Xs], Xs, ys, constrain=_freeze_deviations))
+    for a, b in zip(alone, together):
+        np.testing.assert_array_equal(weights(a), weights(b))
+        assert a.n_iter_ == b.n_iter_ and b.tying_deviation_ == 0.0
+        layer = b.network_.soft_layers[0]
+        assert layer.deviation.requires_grad and not layer.deviation.any()  # back in the model, still zero
 
 
 def test_a_failing_stacked_fit_changes_no_estimator(folds):

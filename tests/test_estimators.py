@@ -290,6 +290,19 @@ def test_warm_start_resumes_from_the_previous_weights(small_images):
     assert cold.loss_ > 10 * reg.loss_
 
 
+def test_loss_is_the_objective_at_the_fitted_weights(small_images):
+    """``loss_`` is the solver's last value (no extra pass): it is J recomputed at the final weights."""
+    X, _, y = small_images
+    for solver in ("lbfgs", "fista"):
+        est = SoftConvClassifier(channels=2, tying=0.1, locality=0.01, solver=solver, max_iter=15,
+                                 random_state=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            est.fit(X, y)
+        again = est.set_params(warm_start=True)._prepare_fit(X, y, None, incremental=False).objective.total()
+        assert est.loss_ == pytest.approx(again, rel=1e-12)
+
+
 @pytest.mark.parametrize("n_iter_no_change", [3, 10])
 def test_lbfgs_stops_when_the_objective_stalls(small_images, n_iter_no_change):
     """L-BFGS follows MLPClassifier's rule: more than n_iter_no_change iterations gaining < tol."""
