@@ -185,9 +185,10 @@ def lbfgs_models(problem, *, max_iter: int, tol: float, n_iter_no_change: int = 
 
     Notes
     -----
-    The direction comes from the two-loop recursion over the last
-    ``history`` pairs :math:`(s, y)` (pairs with :math:`s^\top y \le 0` are
-    skipped, keeping the inverse-Hessian estimate positive definite), scaled
+    The direction comes from the two-loop recursion over the pairs
+    :math:`(s, y)` of the last ``history`` iterations (pairs with
+    :math:`s^\top y \le 0` are left out, keeping the inverse-Hessian
+    estimate positive definite; the ring of pairs is never copied), scaled
     by :math:`s^\top y / y^\top y` (Nocedal & Wright, Alg. 7.4). The step
     starts at 1 (``1/‖g‖`` without history) and backtracks by safeguarded
     quadratic interpolation until the Armijo condition
@@ -213,9 +214,12 @@ def lbfgs_models(problem, *, max_iter: int, tol: float, n_iter_no_change: int = 
     active = torch.isfinite(f) & torch.isfinite(g).all(1)
     for k in (~active).nonzero().flatten().tolist():
         results[k].diverged, results[k].message = True, "objective not finite at the start"
+    # A ring of the last `history` iterations' pairs, shared by the models (no copy per iteration):
+    # slot (head - age) % history holds the pair of `age` iterations ago, rho = 0 where a model has none.
     S = x.new_zeros(K, history, x.shape[1])
     Y = torch.zeros_like(S)
-    rho = x.new_zeros(K, history)  # 0 marks an empty slot
+    rho = x.new_zeros(K, history)
+    head = history - 1
     gamma = x.new_ones(K)
     n_pairs = torch.zeros(K, dtype=torch.long, device=x.device)
     stalled = torch.zeros(K, dtype=torch.long, device=x.device)  # consecutive iterations below tol
@@ -226,11 +230,12 @@ def lbfgs_models(problem, *, max_iter: int, tol: float, n_iter_no_change: int = 
         # two-loop recursion, on every row (cheap next to an evaluation)
         q = g.clone()
         alpha = x.new_zeros(K, history)
-        for i in range(history - 1, -1, -1):
+        newest_first = [(head - age) % history for age in range(min(it, history))]  # the filled slots
+        for i in newest_first:
             alpha[:, i] = rho[:, i] * (S[:, i] * q).sum(1)
             q -= alpha[:, i, None] * Y[:, i]
         r = gamma[:, None] * q
-        for i in range(history):
+        for i in reversed(newest_first):
             beta = rho[:, i] * (Y[:, i] * r).sum(1)
             r += (alpha[:, i] - beta)[:, None] * S[:, i]
         d = -r
@@ -268,11 +273,11 @@ def lbfgs_models(problem, *, max_iter: int, tol: float, n_iter_no_change: int = 
         s, yv = x_new - x, g_new - g
         sy, yy = (s * yv).sum(1), (yv * yv).sum(1)
         keep = accepted & (sy > 1e-10 * yy)
+        # every iteration takes the oldest slot, so a model's history does not depend on the others'
+        head = (head + 1) % history
+        rho[:, head] = 0.0
         if keep.any():
-            S[keep] = torch.roll(S[keep], -1, dims=1)
-            Y[keep] = torch.roll(Y[keep], -1, dims=1)
-            rho[keep] = torch.roll(rho[keep], -1, dims=1)
-            S[keep, -1], Y[keep, -1], rho[keep, -1] = s[keep], yv[keep], 1.0 / sy[keep]
+            S[keep, head], Y[keep, head], rho[keep, head] = s[keep], yv[keep], 1.0 / sy[keep]
             gamma[keep] = sy[keep] / yy[keep]
             n_pairs[keep] = torch.clamp(n_pairs[keep] + 1, max=history)
         decrease = f - f_new
