@@ -1,7 +1,7 @@
 """Cost of a warm-started path and of SoftConvClassifierCV, measured in one run.
 
 (a) a 20-point warm-started ``soft_conv_path`` divided by one cold fit
-    (target <= 4);
+    (target <= 4); every cold fit that a ratio divides by is the best of 3 runs;
 (b) ``SoftConvClassifierCV`` over 5 folds x 10 tyings divided by
     ``GridSearchCV(SoftConvClassifier)`` over the same folds and grid
     (target <= 0.25), with both runs' chosen tying and CV score;
@@ -38,6 +38,12 @@ def timed(fn):
     return time.perf_counter() - start, out
 
 
+def best_of(fn, repeats=3):
+    """The fastest of ``repeats`` runs: the reference a ratio divides by is then never a slow outlier."""
+    runs = [timed(fn) for _ in range(repeats)]
+    return min(runs, key=lambda r: r[0])
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--n-samples", type=int, default=600)
@@ -58,7 +64,7 @@ def main(argv=None):
 
 
 def part_ab(X, y, est, tyings, args):
-    cold, _ = timed(lambda: SoftConvClassifier(tying=1e-2, random_state=0).fit(X, y))
+    cold, _ = best_of(lambda: SoftConvClassifier(tying=1e-2, random_state=0).fit(X, y))
     path_time, path = timed(lambda: soft_conv_path(est, X, y, values=np.geomspace(1.0, 1e-4, 20)))
     print(f"(a) cold fit {cold:.1f} s; 20-point path {path_time:.1f} s "
           f"(mean {path.n_iter.mean():.0f} iterations a point); ratio {path_time / cold:.2f} (target <= 4)")
@@ -75,7 +81,7 @@ def part_ab(X, y, est, tyings, args):
 
 
 def part_cd(X, y):
-    cold, one = timed(lambda: SoftConvClassifier(random_state=0).fit(X, y))
+    cold, one = best_of(lambda: SoftConvClassifier(random_state=0).fit(X, y))
     cv_est = SoftConvClassifierCV(tyings=10, cv=StratifiedKFold(5), random_state=0)
     total, cv = timed(lambda: cv_est.fit(X, y))
     print(f"(c) all of digits ({len(y)} samples): cold fit {cold:.1f} s ({one.n_iter_} iterations); "

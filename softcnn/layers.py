@@ -474,11 +474,14 @@ class SoftConv2d(nn.Module):
         Fo = self.out_channels
         block = self._tile_weights()  # (T, Q, P + 1), Q = th tw F, the bias last
         cols = self._patches(x)  # (T, n, P + 1), a column of ones last
-        # The output is contiguous (n, F, Lh, Lw): in another layout every later
-        # elementwise op and its backward runs strided (tanh's backward 15x slower on the CPU).
+        # The output is made contiguous (n, F, Lh, Lw) where that is cheap: in another layout later
+        # elementwise ops and their backward run strided, and flattening copies.
         if Th * Tw == 1:
-            w = block[0].view(th, tw, Fo, -1).permute(2, 0, 1, 3).reshape(Fo * th * tw, -1)  # rows (F, i, j)
-            return cols[0].mm(w.T).view(n, Fo, Lh, Lw)
+            if n >= block.shape[2]:  # the weight (Q, E) is the smaller: reorder its rows to (F, i, j)
+                w = block[0].view(th, tw, Fo, -1).permute(2, 0, 1, 3).reshape(Fo * th * tw, -1)
+                return cols[0].mm(w.T).view(n, Fo, Lh, Lw)
+            out = cols[0].mm(block[0].T)  # (n, Lh Lw F): a small batch against a large weight
+            return out.view(n, Lh, Lw, Fo).permute(0, 3, 1, 2)
         out = torch.bmm(cols, block.transpose(1, 2))  # (T, n, Q)
         return out.view(Th, Tw, n, th, tw, Fo).permute(2, 5, 0, 3, 1, 4).reshape(n, Fo, Lh, Lw)
 
