@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from .estimators import _atomic_fit, _blas_controller
+from .estimators import _atomic_fit, _blas_controller, _patience
 from .limits import Frozen
 from .solvers import NetProblem, Objective, lbfgs_models
 
@@ -212,7 +212,8 @@ def _groups(problems, batch) -> list[list[int]]:
 
 
 def fit_together(estimators: Sequence, Xs: Sequence, ys: Sequence, sample_weights: Sequence | None = None,
-                 *, batch: bool | str = "auto", constrain: Callable | None = None) -> list:
+                 *, batch: bool | str = "auto", constrain: Callable | None = None,
+                 lbfgs_patience: int | None = None) -> list:
     """Fit each estimator on its own data, solving compatible fits as one batched model.
 
     Equivalent to ``[est.fit(X, y, sample_weight=sw) for ...]`` (to round-off,
@@ -238,6 +239,9 @@ def fit_together(estimators: Sequence, Xs: Sequence, ys: Sequence, sample_weight
         whole parameters taken out of the fit (:class:`softcnn.limits.Frozen`,
         still stacked with fits frozen alike) or gradient hooks masking
         entries (such fits are not stacked).
+    lbfgs_patience : int, optional
+        Cap on ``n_iter_no_change`` for the fits L-BFGS solves (the path
+        helpers' warm-started points, see :func:`softcnn.soft_conv_path`).
 
     Returns
     -------
@@ -266,13 +270,14 @@ def fit_together(estimators: Sequence, Xs: Sequence, ys: Sequence, sample_weight
     for group in _groups(problems, batch):
         if len(group) == 1:
             est, prob = problems[group[0]]
-            results[group[0]] = est._solve(prob)
+            results[group[0]] = est._solve(prob, lbfgs_patience)
             continue
         first = problems[group[0]][0]
         stacked = StackedProblem([problems[i][1].objective for i in group])
         with _blas_controller().limit(limits=1, user_api="blas"):
             solved = lbfgs_models(stacked, max_iter=first.max_iter, tol=first.tol,
-                                  n_iter_no_change=first.n_iter_no_change, verbose=first.verbose)
+                                  n_iter_no_change=_patience(first.n_iter_no_change, lbfgs_patience),
+                                  verbose=first.verbose)
         for i, res in zip(group, solved):
             results[i] = res
     for i, est in enumerate(estimators):

@@ -56,6 +56,11 @@ def _blas_controller() -> ThreadpoolController:
     return _BLAS_CONTROLLER
 
 
+def _patience(n_iter_no_change: int, cap: int | None) -> int:
+    """L-BFGS's ``n_iter_no_change``, at most ``cap`` (None: no cap)."""
+    return n_iter_no_change if cap is None else min(n_iter_no_change, cap)
+
+
 def _atomic_fit(method):
     """Run a fitting method so that a failure leaves the estimator exactly as it was."""
 
@@ -411,7 +416,8 @@ class BaseSoftConv(BaseEstimator, metaclass=ABCMeta):
             image_shape=image_shape, n_outputs=n_outputs, target_attrs=target_attrs, device=device, dtype=dtype,
         )
 
-    def _solve(self, problem: _FitProblem) -> SolverResult:
+    def _solve(self, problem: _FitProblem, lbfgs_patience: int | None = None) -> SolverResult:
+        """Run the problem's solver; ``lbfgs_patience`` caps L-BFGS's ``n_iter_no_change`` (path points)."""
         objective, solver = problem.objective, problem.solver
         params = [q for q in objective.net.parameters() if q.requires_grad]
         # numpy/scipy BLAS threads spin between the solver's small vector steps and starve
@@ -419,7 +425,7 @@ class BaseSoftConv(BaseEstimator, metaclass=ABCMeta):
         with _blas_controller().limit(limits=1, user_api="blas"):
             if solver == "lbfgs":
                 return lbfgs(objective, params, max_iter=self.max_iter, tol=self.tol,
-                             n_iter_no_change=self.n_iter_no_change, verbose=self.verbose)
+                             n_iter_no_change=_patience(self.n_iter_no_change, lbfgs_patience), verbose=self.verbose)
             if solver == "fista":
                 return fista(objective, params, max_iter=self.max_iter, tol=self.tol, verbose=self.verbose)
             n = objective.n_samples

@@ -21,6 +21,7 @@ from softcnn import (
 from softcnn.cv import select_strengths
 from softcnn.datasets import make_soft_conv_data
 from softcnn.limits import _freeze_deviations
+from softcnn.path import PATH_N_ITER_NO_CHANGE
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,8 @@ def test_path_goes_from_strong_to_weak_and_loosens_the_ties(cnn_data):
 
 
 def test_path_points_equal_warm_started_fits(cnn_data):
-    """The first point is warm-started from the CNN limit, each later one from the previous point."""
+    """The first point is warm-started from the CNN limit, each later one from the previous point,
+    with L-BFGS's patience capped at PATH_N_ITER_NO_CHANGE."""
     X, y = cnn_data
     est = SoftConvRegressor(channels=2, max_iter=50, random_state=0)
     path = soft_conv_path(est, X, y, values=[1.0, 0.01], return_weights=True)
@@ -56,7 +58,7 @@ def test_path_points_equal_warm_started_fits(cnn_data):
         by_hand._fit(X, y, None, incremental=False, _constrain=_freeze_deviations)  # the CNN limit
         assert by_hand.tying_deviation_ < 1e-12
         for t in (1.0, 0.01):
-            by_hand.set_params(tying=t).fit(X, y)
+            by_hand.set_params(tying=t, n_iter_no_change=PATH_N_ITER_NO_CHANGE).fit(X, y)
     state = by_hand.network_.state_dict()
     for k, v in path.weights[-1].items():
         np.testing.assert_array_equal(v.numpy(), state[k].numpy())
