@@ -17,7 +17,9 @@ from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import _check_sample_weight, check_scalar, indexable
 
 from .estimators import BaseSoftConv, SoftConvClassifier, SoftConvRegressor, _atomic_fit
-from .path import Track, _fit_paths, fitted_state, penalty_grid, set_fitted_state
+from . import limits
+from .path import (Track, _check_grid, _fit_paths, _geometric_grid, _start_paths, fitted_state, penalty_grid,
+                   set_fitted_state)
 
 __all__ = ["SoftConvClassifierCV", "SoftConvRegressorCV", "select_strengths"]
 
@@ -55,16 +57,33 @@ def select_strengths(scores: np.ndarray, tyings: np.ndarray, localities: np.ndar
     return int(i), int(j)
 
 
-def _fold_paths(estimator, X, y, sample_weight, folds, tyings, localities, scoring) -> list[np.ndarray]:
+def _fold_tracks(X, y, sample_weight, folds) -> list[Track]:
+    def part(index):
+        return None if sample_weight is None else sample_weight[index]
+
+    return [Track(_safe_indexing(X, train), y[train], part(train), _safe_indexing(X, test), y[test], part(test))
+            for train, test in folds]
+
+
+def _fold_starts(estimator, X, y, sample_weight, folds, locality) -> tuple[list, list[float]]:
+    """Each training fold's CNN-limit fit, where its tying path starts, and its ``tying_max_`` there.
+
+    The condition of :func:`softcnn.limits.tying_max` is evaluated on the
+    fit itself (as the fitted ``tying_max_`` is), so a data-driven grid
+    costs no fit beyond the ones its paths start from.
+    """
+    tracks = _fold_tracks(X, y, sample_weight, folds)
+    ests = _start_paths(estimator, tracks, {"locality": locality})
+    maxima = [limits._fitted_tying_max(est, t.X, t.y, t.sample_weight)[0] for est, t in zip(ests, tracks)]
+    return ests, maxima
+
+
+def _fold_paths(estimator, X, y, sample_weight, folds, tyings, localities, scoring,
+                started=None) -> list[np.ndarray]:
     """Validation scores ``(n_localities, n_tyings)`` of each fold's path; the folds move together."""
-
-    def part(index, w=None):
-        return None if w is None else w[index]
-
-    tracks = [Track(_safe_indexing(X, train), y[train], part(train, sample_weight),
-                    _safe_indexing(X, test), y[test], part(test, sample_weight)) for train, test in folds]
-    records = _fit_paths(estimator, tracks, ("tying", "locality"), [(t, l) for l in localities for t in tyings],
-                         row_length=len(tyings), scoring=scoring, train_score=False)
+    records = _fit_paths(estimator, _fold_tracks(X, y, sample_weight, folds), ("tying", "locality"),
+                         [(t, l) for l in localities for t in tyings], row_length=len(tyings), scoring=scoring,
+                         train_score=False, started=started)
     return [r["validation_score"].reshape(len(localities), len(tyings)) for r in records]
 
 
@@ -75,14 +94,19 @@ class _BaseSoftConvCV:
         return self._base_class(**{k: v for k, v in self.get_params(deep=False).items() if k not in _CV_PARAMS})
 
     def _strengths(self, base, X, y, sample_weight):
+        """The grids of tying and locality, strong to weak; None for a tying grid the folds make."""
         out = []
         for name, spec in (("tying", self.tyings), ("locality", self.localities)):
             if spec is None:
                 out.append(np.array([float(getattr(base, name))]))
             elif isinstance(spec, numbers.Integral) and not isinstance(spec, bool):
                 check_scalar(spec, f"{name}s", numbers.Integral, min_val=1)
-                out.append(penalty_grid(base, X, y, name, n_values=int(spec), eps=self.eps,
-                                        sample_weight=sample_weight))
+                if name == "tying" and self.localities is None:
+                    _check_grid(int(spec), self.eps)
+                    out.append(None)  # from the folds' CNN-limit fits (see fit)
+                else:
+                    out.append(penalty_grid(base, X, y, name, n_values=int(spec), eps=self.eps,
+                                            sample_weight=sample_weight))
             else:
                 values = np.asarray(spec, dtype=float).ravel()
                 if values.size == 0 or not np.all(np.isfinite(values)) or np.any(values < 0):
@@ -119,11 +143,18 @@ class _BaseSoftConvCV:
         start = time.perf_counter()
         # folds in one job move along the path together (one batched model per point)
         n_groups = min(effective_n_jobs(self.n_jobs), len(folds))
-        groups = [list(g) for g in np.array_split(np.arange(len(folds)), n_groups)]
+        groups = [[folds[i] for i in g] for g in np.array_split(np.arange(len(folds)), n_groups)]
+        starts = [None] * n_groups
+        if tyings is None:  # the grid's top: the largest training fold's tying_max at its CNN limit
+            fitted = Parallel(n_jobs=self.n_jobs)(
+                delayed(_fold_starts)(base, X, y, sample_weight, g, localities[0]) for g in groups
+            )
+            starts = [ests for ests, _ in fitted]
+            top = max(m for _, maxima in fitted for m in maxima)
+            tyings = _geometric_grid(top, "tying", n_values=int(self.tyings), eps=self.eps)
         results = Parallel(n_jobs=self.n_jobs)(
-            delayed(_fold_paths)(base, X, y, sample_weight, [folds[i] for i in g], tyings, localities,
-                                 self.scoring)
-            for g in groups
+            delayed(_fold_paths)(base, X, y, sample_weight, g, tyings, localities, self.scoring, started)
+            for g, started in zip(groups, starts)
         )
         cv_time = time.perf_counter() - start
         scores = np.stack([s for r in results for s in r], axis=2)  # (n_localities, n_tyings, n_folds)
@@ -208,8 +239,12 @@ _CV_DOC = """
     ----------
     tyings : int or array-like, default=10
         Tying strengths: an int builds a geometric grid of that many values
-        from the data-driven maximum (:func:`softcnn.limits.tying_max`, exact
-        for lasso-type tying) down to ``eps`` times it.
+        from a data-driven maximum down to ``eps`` times it. The maximum is
+        the condition of :func:`softcnn.limits.tying_max` (exact for
+        lasso-type tying), evaluated as the fitted ``tying_max_`` is: with
+        ``localities=None``, at each training fold's CNN-limit fit (where its
+        path starts, so the grid costs no extra fit), the largest over the
+        folds; with a locality grid, on all data.
     localities : None, int or array-like, default=None
         Locality strengths likewise; None keeps the single value ``locality``.
     cv : int, cross-validation generator or iterable, default=5

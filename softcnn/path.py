@@ -80,17 +80,27 @@ def penalty_grid(estimator, X, y, param: str = "tying", *, n_values: int = 20, e
     """
     from . import limits
 
-    if n_values < 1:
-        raise ValueError(f"n_values must be >= 1, got {n_values}.")
-    if not 0 < eps < 1:
-        raise ValueError(f"eps must be in (0, 1), got {eps}.")
+    _check_grid(n_values, eps)
     maxima = {"tying": limits.tying_max, "locality": limits.locality_max}
     if param not in maxima:
         raise ValueError(
             f"No data-driven maximum for param={param!r}; pass values=... explicitly "
             f"(data-driven grids exist for {sorted(maxima)})."
         )
-    top = float(maxima[param](estimator, X, y, sample_weight=sample_weight))
+    return _geometric_grid(float(maxima[param](estimator, X, y, sample_weight=sample_weight)), param,
+                          n_values=n_values, eps=eps)
+
+
+def _check_grid(n_values: int, eps: float) -> None:
+    if n_values < 1:
+        raise ValueError(f"n_values must be >= 1, got {n_values}.")
+    if not 0 < eps < 1:
+        raise ValueError(f"eps must be in (0, 1), got {eps}.")
+
+
+def _geometric_grid(top: float, param: str, *, n_values: int, eps: float) -> np.ndarray:
+    """``n_values`` strengths from ``top`` (a data-driven maximum of ``param``) down to ``eps * top``."""
+    _check_grid(n_values, eps)
     if not np.isfinite(top) or top <= 0:
         raise ValueError(f"The data-driven maximum of {param} is {top}; pass values=... explicitly.")
     return np.geomspace(top, top * eps, n_values)
@@ -131,9 +141,12 @@ def soft_conv_path(
     That is cheaper and better than a cold fit at the strongest tying, which
     starts from untied random weights and must tie them against a stiff
     penalty (on digits: 97 instead of 200 L-BFGS iterations, and a lower
-    objective). Each later point stops by the estimator's rule (``tol``,
-    ``n_iter_no_change``), typically after ``n_iter_no_change + 1`` to a few
-    tens of iterations.
+    objective). Each warm-started point stops by the estimator's rule
+    (``tol``) with L-BFGS's patience capped at
+    ``min(n_iter_no_change, PATH_N_ITER_NO_CHANGE)`` (4): a warm start usually
+    gains less than ``tol`` from its first iteration, so the estimator's own
+    tolerance already calls it converged and the patience only sets how many
+    iterations it runs (typically 5, a few tens where the solution moves).
 
     Parameters
     ----------
@@ -240,7 +253,7 @@ class Track:
 
 def _fit_paths(estimator, tracks: list[Track], params: tuple, points: list, *, row_length: int | None = None,
                scoring=None, return_weights: bool = False, verbose: int = 0, batch="auto",
-               train_score: bool = True) -> list[dict]:
+               train_score: bool = True, started: list | None = None) -> list[dict]:
     """Warm-started fits of ``estimator`` at ``points`` (strengths of ``params``), one path per track.
 
     The tracks move through the points together: at each point all their
@@ -250,23 +263,11 @@ def _fit_paths(estimator, tracks: list[Track], params: tuple, points: list, *, r
     row. Returns per track the per-point arrays of :class:`SoftConvPath`
     (``train_score=False``: no training score, one prediction pass less a point).
     """
-    from .batched import fit_together
-    from .limits import _freeze_deviations
-
-    ests = [clone(estimator).set_params(warm_start=True) for _ in tracks]
-
-    def solve(constrain=None, lbfgs_patience=None):  # path points are not converged fits to warn about
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            fit_together(ests, [t.X for t in tracks], [t.y for t in tracks], [t.sample_weight for t in tracks],
-                         batch=batch, constrain=constrain, lbfgs_patience=lbfgs_patience)
-
     start = time.perf_counter()
-    if "tying" in params and points[0][params.index("tying")] > 0:
-        # start at the CNN limit (see soft_conv_path); tying=0 keeps L-BFGS for a smooth rest
-        for est in ests:
-            est.set_params(**{**dict(zip(params, points[0])), "tying": 0.0})
-        solve(constrain=_freeze_deviations)
+    if started is None:
+        first = dict(zip(params, points[0]))
+        started = _start_paths(estimator, tracks, first if first.get("tying", 0.0) > 0 else None, batch=batch)
+    ests = started
     scorer = check_scoring(ests[0], scoring=scoring)
     records = [{k: [] for k in ("train_loss", "train_score", "validation_score", "fit_time", *_DIAGNOSTICS)}
                for _ in tracks]
@@ -281,7 +282,7 @@ def _fit_paths(estimator, tracks: list[Track], params: tuple, points: list, *, r
         for est in ests:
             est.set_params(**dict(zip(params, point)))
         warm = hasattr(ests[0], "network_")  # every point but a path's cold first one
-        solve(lbfgs_patience=PATH_N_ITER_NO_CHANGE if warm else None)
+        _solve_quietly(ests, tracks, batch, lbfgs_patience=PATH_N_ITER_NO_CHANGE if warm else None)
         elapsed = (time.perf_counter() - start) / len(tracks)  # a shared run: split evenly
         if row_start:
             row_starts = [fitted_state(est) for est in ests]
@@ -318,6 +319,34 @@ def _fit_paths(estimator, tracks: list[Track], params: tuple, points: list, *, r
         )
         for r, w in zip(records, weights)
     ]
+
+
+def _start_paths(estimator, tracks: list[Track], strengths: dict | None, *, batch="auto") -> list:
+    """One warm-startable clone of ``estimator`` per track, where its path starts.
+
+    A path over ``tying`` (from a positive tying) starts at the CNN limit (see
+    :func:`soft_conv_path`): with ``strengths`` (the first point's other
+    strengths) it is fitted here on each track; with None the clones are
+    left unfitted.
+    """
+    from .limits import _freeze_deviations
+
+    ests = [clone(estimator).set_params(warm_start=True) for _ in tracks]
+    if strengths is not None:
+        for est in ests:  # tying=0 keeps L-BFGS for a smooth rest
+            est.set_params(**{**strengths, "tying": 0.0})
+        _solve_quietly(ests, tracks, batch, constrain=_freeze_deviations)
+    return ests
+
+
+def _solve_quietly(ests, tracks, batch, **kwargs) -> None:
+    """Fit each estimator on its track together; path points are not converged fits to warn about."""
+    from .batched import fit_together
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        fit_together(ests, [t.X for t in tracks], [t.y for t in tracks], [t.sample_weight for t in tracks],
+                     batch=batch, **kwargs)
 
 
 def _score(scorer, est, X, y, sample_weight):

@@ -20,6 +20,7 @@ from softcnn import (
 )
 from softcnn.cv import select_strengths
 from softcnn.datasets import make_soft_conv_data
+from softcnn import limits
 from softcnn.limits import _freeze_deviations
 from softcnn.path import PATH_N_ITER_NO_CHANGE
 
@@ -146,6 +147,31 @@ def test_regressor_cv_grid_with_1se_and_no_refit(cnn_data):
     assert a.tying_ >= b.tying_
     assert not hasattr(b, "network_") and b.n_features_in_ == 36
     assert a.predict(X).shape == (120,)
+
+
+def test_data_driven_tying_grid_starts_at_the_largest_training_fold_tying_max(cnn_data, monkeypatch):
+    """tyings=int: the grid's top is tying_max_ at each training fold's CNN limit, the largest over the
+    folds; no reference fit on all data (tying_max) unless a locality grid needs one."""
+    X, y = cnn_data
+    folds = list(KFold(3).split(X))
+    base = dict(channels=2, tying_penalty="l1", max_iter=60, random_state=0)
+    calls = []
+    real_tying_max = limits.tying_max
+    monkeypatch.setattr(limits, "tying_max", lambda *a, **k: calls.append(1) or real_tying_max(*a, **k))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        cv = SoftConvRegressorCV(tyings=3, eps=1e-2, cv=folds, refit=False, **base).fit(X, y)
+        assert not calls
+        maxima = []
+        for train, _ in folds:  # by hand: the CNN limit of the training fold, then its tying_max_
+            cnn = SoftConvRegressor(warm_start=True, **base).set_params(tying=0.0)
+            cnn._fit(X[train], y[train], None, incremental=False, _constrain=_freeze_deviations)
+            maxima.append(limits._fitted_tying_max(cnn, X[train], y[train])[0])
+        SoftConvRegressorCV(tyings=2, localities=[1.0, 0.0], cv=folds, refit=False, **base).fit(X, y)
+        assert len(calls) == 1
+    assert len(set(maxima)) == 3  # the folds disagree, so taking the largest matters
+    top = max(maxima)
+    np.testing.assert_allclose(cv.tyings_, [top, top / 10, top / 100], rtol=1e-12)
 
 
 def test_cv_in_pipeline_and_in_grid_search(cnn_data):
