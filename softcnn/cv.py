@@ -17,9 +17,8 @@ from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import _check_sample_weight, check_scalar, indexable
 
 from .estimators import BaseSoftConv, SoftConvClassifier, SoftConvRegressor, _atomic_fit
-from . import limits
-from .path import (Track, _check_grid, _fit_paths, _geometric_grid, _start_paths, fitted_state, penalty_grid,
-                   set_fitted_state)
+from .path import (Track, _check_grid, _cnn_limit_starts, _fit_paths, _geometric_grid, fitted_state,
+                   penalty_grid, set_fitted_state)
 
 __all__ = ["SoftConvClassifierCV", "SoftConvRegressorCV", "select_strengths"]
 
@@ -66,16 +65,8 @@ def _fold_tracks(X, y, sample_weight, folds) -> list[Track]:
 
 
 def _fold_starts(estimator, X, y, sample_weight, folds, locality) -> tuple[list, list[float]]:
-    """Each training fold's CNN-limit fit, where its tying path starts, and its ``tying_max_`` there.
-
-    The condition of :func:`softcnn.limits.tying_max` is evaluated on the
-    fit itself (as the fitted ``tying_max_`` is), so a data-driven grid
-    costs no fit beyond the ones its paths start from.
-    """
-    tracks = _fold_tracks(X, y, sample_weight, folds)
-    ests = _start_paths(estimator, tracks, {"locality": locality})
-    maxima = [limits._fitted_tying_max(est, t.X, t.y, t.sample_weight)[0] for est, t in zip(ests, tracks)]
-    return ests, maxima
+    """Each training fold's path started at its CNN limit, and its ``tying_max_`` there."""
+    return _cnn_limit_starts(estimator, _fold_tracks(X, y, sample_weight, folds), {"locality": locality})
 
 
 def _fold_paths(estimator, X, y, sample_weight, folds, tyings, localities, scoring,

@@ -161,7 +161,9 @@ def soft_conv_path(
     values : array-like, or tuple of two for a grid, default=None
         Strengths; ``None`` builds a geometric grid (:func:`penalty_grid`)
         from the data-driven maximum down to ``eps`` times it (tying and
-        locality only).
+        locality only). For ``param='tying'`` the maximum is evaluated at the
+        CNN-limit fit the path starts from, as the fitted ``tying_max_`` is
+        (no separate reference fit).
     n_values : int, default=20
         Points per axis when ``values`` is None.
     eps : float, default=1e-3
@@ -214,7 +216,13 @@ def soft_conv_path(
             sample_weight, sample_weight_val = (np.asarray(sample_weight)[idx_train],
                                                 np.asarray(sample_weight)[idx_val])
 
-    if values is None:
+    track = Track(X, y, sample_weight, X_val, y_val, sample_weight_val)
+    started = None
+    if values is None and params == ("tying",):  # the grid's top from the CNN limit the path starts at
+        _check_grid(n_values, eps)
+        started, (top,) = _cnn_limit_starts(est, [track], {})
+        axes = [_geometric_grid(top, "tying", n_values=n_values, eps=eps)]
+    elif values is None:
         axes = [penalty_grid(est, X, y, name, n_values=n_values, eps=eps, sample_weight=sample_weight)
                 for name in params]
     else:
@@ -228,9 +236,8 @@ def soft_conv_path(
         points = [(t, o) for o in outer for t in inner]
     else:
         points = [(t,) for t in axes[0]]
-    track = Track(X, y, sample_weight, X_val, y_val, sample_weight_val)
     (record,) = _fit_paths(est, [track], params, points, row_length=len(axes[0]) if grid else None,
-                           scoring=scoring, return_weights=return_weights, verbose=verbose)
+                           scoring=scoring, return_weights=return_weights, verbose=verbose, started=started)
     return SoftConvPath(
         param=params if grid else param,
         values=np.array(points) if grid else np.array([p[0] for p in points]),
@@ -337,6 +344,19 @@ def _start_paths(estimator, tracks: list[Track], strengths: dict | None, *, batc
             est.set_params(**{**strengths, "tying": 0.0})
         _solve_quietly(ests, tracks, batch, constrain=_freeze_deviations)
     return ests
+
+
+def _cnn_limit_starts(estimator, tracks: list[Track], strengths: dict) -> tuple[list, list[float]]:
+    """Paths over tying started at each track's CNN limit, and the ``tying_max_`` of each start.
+
+    :func:`softcnn.limits.tying_max`'s condition is evaluated on the start
+    itself, as the fitted ``tying_max_`` is, so a data-driven tying grid costs
+    no fit beyond the ones its paths start from.
+    """
+    from .limits import _fitted_tying_max
+
+    ests = _start_paths(estimator, tracks, strengths)
+    return ests, [_fitted_tying_max(est, t.X, t.y, t.sample_weight)[0] for est, t in zip(ests, tracks)]
 
 
 def _solve_quietly(ests, tracks, batch, **kwargs) -> None:

@@ -174,6 +174,20 @@ def test_data_driven_tying_grid_starts_at_the_largest_training_fold_tying_max(cn
     np.testing.assert_allclose(cv.tyings_, [top, top / 10, top / 100], rtol=1e-12)
 
 
+def test_data_driven_path_over_tying_starts_at_its_cnn_limit_tying_max(cnn_data, monkeypatch):
+    X, y = cnn_data
+    base = dict(channels=2, tying_penalty="l1", max_iter=60, random_state=0)
+    monkeypatch.setattr(limits, "tying_max", lambda *a, **k: pytest.fail("a reference fit on all data"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        path = soft_conv_path(SoftConvRegressor(**base), X, y, n_values=3, eps=1e-2)
+        cnn = SoftConvRegressor(warm_start=True, **base).set_params(tying=0.0)
+        cnn._fit(X, y, None, incremental=False, _constrain=_freeze_deviations)
+        top = limits._fitted_tying_max(cnn, X, y)[0]
+    np.testing.assert_allclose(path.values, [top, top / 10, top / 100], rtol=1e-12)
+    assert path.tying_deviation[0] == 0.0  # 'l1' at its tying_max: the CNN, exactly
+
+
 def test_cv_in_pipeline_and_in_grid_search(cnn_data):
     X, y = cnn_data
     pipe = make_pipeline(
