@@ -161,6 +161,7 @@ def test_data_driven_tying_grid_starts_at_the_largest_training_fold_tying_max(cn
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         cv = SoftConvRegressorCV(tyings=3, eps=1e-2, cv=folds, refit=False, **base).fit(X, y)
+        in_two_jobs = SoftConvRegressorCV(tyings=3, eps=1e-2, cv=folds, refit=False, n_jobs=2, **base).fit(X, y)
         assert not calls
         maxima = []
         for train, _ in folds:  # by hand: the CNN limit of the training fold, then its tying_max_
@@ -172,6 +173,9 @@ def test_data_driven_tying_grid_starts_at_the_largest_training_fold_tying_max(cn
     assert len(set(maxima)) == 3  # the folds disagree, so taking the largest matters
     top = max(maxima)
     np.testing.assert_allclose(cv.tyings_, [top, top / 10, top / 100], rtol=1e-12)
+    # the paths continue from the starts made in the jobs (returned to the parent and sent back)
+    np.testing.assert_array_equal(in_two_jobs.tyings_, cv.tyings_)
+    np.testing.assert_array_equal(in_two_jobs.scores_path_, cv.scores_path_)
 
 
 def test_data_driven_path_over_tying_starts_at_its_cnn_limit_tying_max(cnn_data, monkeypatch):
