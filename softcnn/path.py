@@ -99,8 +99,10 @@ def _check_grid(n_values: int, eps: float) -> None:
 
 
 def _geometric_grid(top: float, param: str, *, n_values: int, eps: float) -> np.ndarray:
-    """``n_values`` strengths from ``top`` (a data-driven maximum of ``param``) down to ``eps * top``."""
-    _check_grid(n_values, eps)
+    """``n_values`` strengths from ``top`` (a data-driven maximum of ``param``) down to ``eps * top``.
+
+    ``n_values`` and ``eps`` are checked by the caller (:func:`_check_grid`), before any fit.
+    """
     if not np.isfinite(top) or top <= 0:
         raise ValueError(f"The data-driven maximum of {param} is {top}; pass values=... explicitly.")
     return np.geomspace(top, top * eps, n_values)
@@ -271,10 +273,9 @@ def _fit_paths(estimator, tracks: list[Track], params: tuple, points: list, *, r
     (``train_score=False``: no training score, one prediction pass less a point).
     """
     start = time.perf_counter()
-    if started is None:
-        first = dict(zip(params, points[0]))
-        started = _start_paths(estimator, tracks, first if first.get("tying", 0.0) > 0 else None, batch=batch)
-    ests = started
+    first = dict(zip(params, points[0]))
+    ests = started if started is not None else _start_paths(
+        estimator, tracks, first if first.get("tying", 0.0) > 0 else None, batch=batch)
     scorer = check_scoring(ests[0], scoring=scoring)
     records = [{k: [] for k in ("train_loss", "train_score", "validation_score", "fit_time", *_DIAGNOSTICS)}
                for _ in tracks]
