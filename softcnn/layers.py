@@ -199,6 +199,89 @@ def _divisors(m: int) -> list[int]:
     return [d for d in range(1, m + 1) if m % d == 0]
 
 
+def _windows(v: torch.Tensor, geometry: tuple) -> torch.Tensor:
+    """Per-offset values ``v`` ``(B, C Sh Sw)`` at each stored deviation: ``(C H W, B, L)``.
+
+    For a support covering the image, the offset that reaches pixel row
+    ``(c, h, w)`` of the compact storage (the flipped image) from position
+    ``(i, j)`` is ``(i sh + h, j sw + w)`` in the flipped support: the rows
+    for a position are a window of the flipped kernel, a Toeplitz structure.
+    """
+    C, H, W, Lh, Lw, sh, sw = geometry
+    Sh, Sw = H + (Lh - 1) * sh, W + (Lw - 1) * sw
+    win = v.reshape(-1, C, Sh, Sw).flip(2, 3).unfold(2, H, sh).unfold(3, W, sw)  # (B, C, Lh, Lw, H, W)
+    return win.permute(1, 4, 5, 0, 2, 3).reshape(C * H * W, -1, Lh * Lw)
+
+
+def _windows_adjoint(g: torch.Tensor, geometry: tuple) -> torch.Tensor:
+    """The adjoint of :func:`_windows`: ``(C H W, B, L)`` summed onto the offsets, ``(B, C Sh Sw)``.
+
+    Two passes of slice additions (over the rows, then the columns of
+    positions): several times faster than autograd through ``unfold``.
+    """
+    C, H, W, Lh, Lw, sh, sw = geometry
+    Sh, Sw = H + (Lh - 1) * sh, W + (Lw - 1) * sw
+    B = g.shape[1]
+    g = g.reshape(C, H, W, B, Lh, Lw)
+    rows = g.new_zeros(C, Sh, W, B, Lw)
+    for i in range(Lh):
+        rows[:, i * sh : i * sh + H].add_(g[:, :, :, :, i])
+    acc = g.new_zeros(C, Sh, Sw, B)
+    for j in range(Lw):
+        acc[:, :, j * sw : j * sw + W].add_(rows[..., j])
+    return acc.permute(3, 0, 1, 2).flip(2, 3).reshape(B, -1)
+
+
+class _CoveringDense(torch.autograd.Function):
+    """A layer whose support covers the image, as one GEMM ``x~ W + b``, with its own backward.
+
+    ``x~`` is the flipped image and ``W = d c + T(m)``: the compact deviations
+    ``(C H W, F, L)`` times their scales, plus the shared kernels' windows
+    (:func:`_windows`). Autograd through these steps would copy the weight
+    gradient for each slice of the parameter and each in-place add into a
+    view; here it is one GEMM into a new tensor (bias row included, through
+    a column of ones), scaled in place into ``deviation``'s gradient, and
+    :func:`_windows_adjoint` reduces it to ``m``'s.
+    """
+
+    generate_vmap_rule = True  # every step is a batchable torch op: torch.func.vmap works
+
+    @staticmethod
+    def forward(x, deviation, m, scale, geometry):
+        C, H, W, Lh, Lw, _, _ = geometry
+        chw, n = C * H * W, x.shape[0]
+        block = torch.addcmul(_windows(m[:, :-1], geometry), deviation[:chw], scale[:chw])  # (C H W, F, L)
+        bias = torch.addcmul(m[:, -1:], deviation[chw], scale[chw])  # (F, L)
+        out = torch.addmm(bias.reshape(-1), x.flip(2, 3).reshape(n, chw), block.view(chw, -1))
+        return out.view(n, m.shape[0], Lh, Lw), block
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, _, _, scale, geometry = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(x, output[1], scale)
+        ctx.geometry = geometry
+
+    @staticmethod
+    def backward(ctx, grad_out, _):
+        x, block, scale = ctx.saved_tensors
+        C, H, W, Lh, Lw, _, _ = ctx.geometry
+        chw, n = C * H * W, x.shape[0]
+        g = grad_out.reshape(n, -1)
+        grad_x = grad_d = grad_m = None
+        if ctx.needs_input_grad[0]:
+            grad_x = g.mm(block.view(chw, -1).T).view_as(x).flip(2, 3)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            cols = torch.cat([x.flip(2, 3).reshape(n, chw), x.new_ones(n, 1)], dim=1)
+            grad_w = cols.T.mm(g).view(chw + 1, -1, Lh * Lw)  # (C H W + 1, F, L), the bias row last
+            if ctx.needs_input_grad[2]:
+                grad_m = torch.cat([_windows_adjoint(grad_w[:chw], ctx.geometry),
+                                    grad_w[chw].sum(-1).unsqueeze(-1)], dim=1)
+            if ctx.needs_input_grad[1]:
+                grad_d = grad_w.mul_(scale)
+        return grad_x, grad_d, grad_m, None, None
+
+
 class SoftConv2d(nn.Module):
     r"""Locally connected 2-D layer whose units may share, or not, their kernels.
 
@@ -243,9 +326,16 @@ class SoftConv2d(nn.Module):
     ----------
     shared : Parameter of shape (F, K)
         Shared kernels ``m`` (bias last).
-    deviation : Parameter of shape (L, F, K)
-        Per-position deviations ``d_p``; initialised at zero, so the layer
-        starts as a CNN.
+    deviation : Parameter of shape (L, F, K), or (C H W + 1, F, L) for a support covering the image
+        Per-position deviations ``d_p`` (raw values, times ``deviation_scale``);
+        initialised at zero, so the layer starts as a CNN. When every
+        position's support covers the image (``support='full'``) only the
+        ``C H W`` offsets that exist at a position are stored, in the order of
+        the pixels of the flipped image, then the bias: the storage is the
+        weight matrix of one GEMM. Read and write deviations through
+        :meth:`deviations`, :meth:`set_deviations`,
+        :meth:`as_deviation_storage` and :meth:`deviation_gradient`, which
+        use the ``(L, F, K)`` layout whatever the storage.
     mask : Tensor of shape (L, K)
         ``True`` where the offset exists at the position.
     formulation : {'tiled', 'unfold', 'dense'}
@@ -286,9 +376,13 @@ class SoftConv2d(nn.Module):
                 f"formulation must be 'auto', 'tiled', 'unfold' or 'dense', got {formulation!r}."
             )
 
+        # A support covering the image from every position: the offsets existing at a position
+        # are in bijection with the pixels, so only those are stored (see `deviation`).
+        self._compact = all(g.extent == g.size + (g.n_out - 1) * g.stride for g in (self.gh, self.gw))
         factory = {"dtype": dtype, "device": device}
         self.shared = nn.Parameter(torch.zeros(out_channels, K, **factory))
-        self.deviation = nn.Parameter(torch.zeros(L, out_channels, K, **factory))
+        shape = (in_channels * H * W + 1, out_channels, L) if self._compact else (L, out_channels, K)
+        self.deviation = nn.Parameter(torch.zeros(shape, **factory))
         # m = shared_scale * shared, d_p = deviation_scale * deviation: a diagonal
         # preconditioner (see set_scales); the model itself does not depend on it.
         self.register_buffer("shared_scale", torch.ones(K, **factory))
@@ -298,8 +392,12 @@ class SoftConv2d(nn.Module):
         ex = np.broadcast_to(ex.reshape(L, 1, Sh * Sw), (L, in_channels, Sh * Sw)).reshape(L, -1)
         mask = np.concatenate([ex, np.ones((L, 1), dtype=bool)], axis=1)
         self.register_buffer("mask", torch.as_tensor(mask, device=device), persistent=False)
+        index = self._compact_offsets() if self._compact else None
+        self.register_buffer("_compact_index", None if index is None else torch.as_tensor(index, device=device),
+                             persistent=False)
         win = np.outer(self.gh.in_window(), self.gw.in_window()).ravel()
         self.register_buffer("window", torch.as_tensor(win, device=device), persistent=False)
+        self._geometry = (in_channels, H, W, *self.output_shape, self.gh.stride, self.gw.stride)
         self._build_tiles(formulation, device)
         self.reset_parameters(generator)
 
@@ -323,7 +421,9 @@ class SoftConv2d(nn.Module):
         ``_tile_index`` ``(Th, Tw, th, tw, 1, P + 1)``: for each output position
         of each tile (grouped by tile) and each entry of the tile's patch
         (``P = C ph pw``), then its bias, the kernel entry in ``0..K-1`` that
-        multiplies it (0 where none does); ``_tile_valid``: where one does.
+        multiplies it (0 where none does); ``_tile_valid``: where one does;
+        ``_tile_rows`` (compact storage): the row of ``deviation`` holding
+        that weight (``C H W + 1`` where none does).
         """
         if tile_shape is None:
             tile_shape = choose_tile(self.gh, self.gw, self.in_channels, self.out_channels, formulation)
@@ -331,23 +431,22 @@ class SoftConv2d(nn.Module):
         if self.gh.n_out % th or self.gw.n_out % tw:
             raise ValueError(f"tile_shape {tile_shape} must divide the output shape {self.output_shape}.")
         ah, aw = _axis_tiles(self.gh, th), _axis_tiles(self.gw, tw)
-        # One tile and the full support: the shared part of the block is a Toeplitz matrix, the
-        # windows of the flipped kernel (see _tile_weights); patches then hold the image flipped.
-        self._toeplitz = all(a.n_tiles == 1 and g.extent == g.size + (g.n_out - 1) * g.stride
-                             for a, g in ((ah, self.gh), (aw, self.gw)))
-        if self._toeplitz:
-            ah, aw = (dataclasses.replace(a, offset=a.offset[..., ::-1], valid=a.valid[..., ::-1]) for a in (ah, aw))
-        Sh, Sw = self.support_shape
-        C = self.in_channels
-        K = C * Sh * Sw + 1
-        # (Th, Tw, th, tw, ph, pw): offset index in the Sh x Sw support, and whether it exists
-        off = ah.offset[:, None, :, None, :, None] * Sw + aw.offset[None, :, None, :, None, :]
-        ok = ah.valid[:, None, :, None, :, None] & aw.valid[None, :, None, :, None, :]
-        off = off[..., None, :, :] + (np.arange(C) * Sh * Sw)[:, None, None]  # channel-major like K
-        ok = np.broadcast_to(ok[..., None, :, :], off.shape)
-        head = off.shape[:4]
-        off = np.concatenate([off.reshape(*head, 1, -1), np.full((*head, 1, 1), K - 1)], axis=-1)
-        ok = np.concatenate([ok.reshape(*head, 1, -1), np.ones((*head, 1, 1), dtype=bool)], axis=-1)
+        # One tile and compact storage: the whole layer is one GEMM (_CoveringDense), no index maps.
+        self._toeplitz = self._compact and ah.n_tiles == aw.n_tiles == 1
+        (H, W), (Sh, Sw), C = self.input_shape, self.support_shape, self.in_channels
+
+        def per_entry(rows, cols, row_stride, channel_stride):
+            """Per-axis indices ``(Th, th, ph)``, ``(Tw, tw, pw)`` combined channel-major, then the bias."""
+            idx = rows[:, None, :, None, :, None] * row_stride + cols[None, :, None, :, None, :]
+            idx = idx[..., None, :, :] + (np.arange(C) * channel_stride)[:, None, None]
+            head = idx.shape[:4]
+            return np.concatenate([idx.reshape(*head, 1, -1), np.full((*head, 1, 1), C * channel_stride)], axis=-1)
+
+        off = per_entry(ah.offset, aw.offset, Sw, Sh * Sw)
+        ok = ah.valid[:, None, :, None, :, None] & aw.valid[None, :, None, :, None, :]  # in support and image
+        head = ok.shape[:4]
+        ok = np.broadcast_to(ok[..., None, :, :], (*head, C, *ok.shape[4:])).reshape(*head, 1, -1)
+        ok = np.concatenate([ok, np.ones((*head, 1, 1), dtype=bool)], axis=-1)
         self.tile_shape = (th, tw)
         self._tiles = (ah, aw)
         if (th, tw) == (1, 1):
@@ -357,12 +456,18 @@ class SoftConv2d(nn.Module):
         else:
             self.formulation = "tiled"
         self.register_buffer("_tile_index", torch.as_tensor(np.where(ok, off, 0), device=device), persistent=False)
-        self.register_buffer("_tile_valid", torch.as_tensor(ok.copy(), device=device), persistent=False)
+        self.register_buffer("_tile_valid", torch.as_tensor(ok, device=device), persistent=False)
+        rows = None
+        if self._compact:  # pixel (c, y, x) is row (c, H-1-y, W-1-x) of the storage
+            ry = H - 1 - (self.gh.anchors().reshape(ah.n_tiles, th)[..., None] + self.gh.lo + ah.offset)
+            rx = W - 1 - (self.gw.anchors().reshape(aw.n_tiles, tw)[..., None] + self.gw.lo + aw.offset)
+            rows = torch.as_tensor(np.where(ok, per_entry(ry, rx, W, H * W), C * H * W + 1), device=device)
+        self.register_buffer("_tile_rows", rows, persistent=False)
 
     # ----------------------------------------------------------------- views
     @property
     def n_positions(self) -> int:
-        return self.deviation.shape[0]
+        return self.gh.n_out * self.gw.n_out
 
     @property
     def support_shape(self) -> tuple[int, int]:
@@ -380,7 +485,7 @@ class SoftConv2d(nn.Module):
         """
         with torch.no_grad():
             self.shared.mul_(self.shared_scale / shared_scale)
-            self.deviation.mul_(self.deviation_scale / deviation_scale)
+            self.deviation.mul_(self.as_deviation_storage(self.deviation_scale / deviation_scale))
             self.shared_scale.copy_(shared_scale)
             self.deviation_scale.copy_(deviation_scale)
 
@@ -389,8 +494,86 @@ class SoftConv2d(nn.Module):
         return self.shared * self.shared_scale
 
     def deviations(self) -> torch.Tensor:
-        """Deviations ``d_p`` of shape ``(L, F, K)`` (all offsets)."""
-        return self.deviation * self.deviation_scale
+        """Deviations ``d_p`` of shape ``(L, F, K)`` (differentiable).
+
+        Absent offsets hold arbitrary values (zero for a support covering the
+        image, whose storage has none); use :meth:`masked_deviation` where
+        they must not count.
+        """
+        return self._from_storage(self.deviation) * self.deviation_scale
+
+    @torch.no_grad()
+    def set_deviations(self, d: torch.Tensor, *, consume: bool = False) -> None:
+        """Store deviations ``d`` ``(L, F, K)`` at the existing offsets; absent offsets keep their values.
+
+        With ``consume=True`` the caller's ``d`` may be overwritten (it saves
+        a full-size temporary). The write is exact for finite values.
+        """
+        d = d.div_(self.deviation_scale) if consume else d / self.deviation_scale
+        if self._compact:
+            self.deviation.copy_(self.as_deviation_storage(d))
+            return
+        # a 0/1 selection, in place: faster than boolean indexing or full-size temporaries
+        exists = self.mask.unsqueeze(1).to(d.dtype)
+        self.deviation.mul_(1 - exists).add_(d.mul_(exists))
+
+    def as_deviation_storage(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` broadcastable to ``(L, F, K)``, in the layout of the ``deviation`` parameter.
+
+        Its existing offsets, broadcastable to ``deviation``: for multiplying
+        the parameter or its gradient by per-entry factors whatever the storage.
+        """
+        if not self._compact:
+            return values
+        v = values.reshape((1,) * (3 - values.dim()) + tuple(values.shape))
+        v = v.expand(self.n_positions, v.shape[1], v.shape[2]).permute(2, 1, 0)  # (K, F or 1, L)
+        index = self._compact_index.unsqueeze(1).expand(-1, v.shape[1], -1)
+        return v.gather(0, index)
+
+    def deviation_gradient(self) -> torch.Tensor | None:
+        """``∂J/∂d_p`` of shape ``(L, F, K)`` from the raw parameter's ``.grad`` (zero at absent offsets)."""
+        grad = self.deviation.grad
+        return None if grad is None else self._from_storage(grad) / self.deviation_scale
+
+    def _from_storage(self, t: torch.Tensor) -> torch.Tensor:
+        """A tensor in the layout of ``deviation`` as ``(L, F, K)``, zero at offsets not stored."""
+        if not self._compact:
+            return t
+        L, K = self.mask.shape
+        index = self._compact_index.T.unsqueeze(1).expand(L, t.shape[1], -1)
+        return t.new_zeros(L, t.shape[1], K).scatter(2, index, t.permute(2, 1, 0))
+
+    def _compact_offsets(self) -> np.ndarray:
+        """Kernel entry (``0..K-1``) of each stored deviation, ``(C H W + 1, L)`` (compact storage).
+
+        Row ``(c, h, w)`` is pixel ``(c, H-1-h, W-1-w)``, the bias last.
+        """
+        (H, W), (Sh, Sw), C = self.input_shape, self.support_shape, self.in_channels
+        gh, gw = self.gh, self.gw
+        oh = (H - 1 - np.arange(H))[:, None] - gh.anchors()[None, :] - gh.lo  # (H, Lh)
+        ow = (W - 1 - np.arange(W))[:, None] - gw.anchors()[None, :] - gw.lo
+        off = oh[:, None, :, None] * Sw + ow[None, :, None, :]  # (H, W, Lh, Lw)
+        off = off[None] + (np.arange(C) * Sh * Sw)[:, None, None, None, None]
+        L = self.n_positions
+        return np.concatenate([off.reshape(-1, L), np.full((1, L), C * Sh * Sw)])
+
+    def _compact_scale(self) -> torch.Tensor:
+        """``deviation_scale`` at each stored deviation, ``(C H W + 1, 1, L)`` (compact storage).
+
+        Computed from the buffer each time, so it cannot go stale.
+        """
+        scale = self.deviation_scale
+        return torch.cat([_windows(scale[:-1].unsqueeze(0), self._geometry),
+                          scale[-1:].expand(1, 1, self.n_positions)])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # state dicts saved before the compact storage hold (L, F, K) 'full' deviations
+        key = prefix + "deviation"
+        saved = state_dict.get(key)
+        if self._compact and saved is not None and saved.shape == (*self.mask.shape[:1], self.out_channels,
+                                                                    self.mask.shape[1]):
+            state_dict[key] = self.as_deviation_storage(saved.to(self.mask.device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def kernels(self) -> torch.Tensor:
         """Effective kernel vectors ``m + d_p`` of shape ``(L, F, K)``, zero where absent."""
@@ -434,7 +617,7 @@ class SoftConv2d(nn.Module):
         dead = ~(w != 0).any(0)  # (F, K)
         if dead.any():
             self.shared.masked_fill_(dead, 0.0)
-            self.deviation.masked_fill_(dead.unsqueeze(0), 0.0)
+            self.deviation.masked_fill_(self.as_deviation_storage(dead), 0.0)
 
     @torch.no_grad()
     def snap(self, threshold: float) -> int:
@@ -456,7 +639,7 @@ class SoftConv2d(nn.Module):
         small_w = ex & (w != 0) & (w.abs() < threshold)
         small_w[..., -1] = False
         d = torch.where(small_w, -m.expand_as(d), d)
-        self.deviation.copy_(d / self.deviation_scale)
+        self.set_deviations(d, consume=True)
         self.canonicalize()
         return int(small_d.sum() + small_w.sum())
 
@@ -467,6 +650,10 @@ class SoftConv2d(nn.Module):
 
     # --------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._toeplitz:
+            out, _ = _CoveringDense.apply(x, self.deviation, self.shared_kernel(), self._compact_scale(),
+                                          self._geometry)
+            return out
         n = x.shape[0]
         ah, aw = self._tiles
         Th, Tw, th, tw = ah.n_tiles, aw.n_tiles, ah.length, aw.length
@@ -496,26 +683,21 @@ class SoftConv2d(nn.Module):
         """
         ah, aw = self._tiles
         Th, Tw, th, tw = ah.n_tiles, aw.n_tiles, ah.length, aw.length
-        _, Fo, K = self.deviation.shape
-        index, valid = self._tile_index, self._tile_valid
-        E = index.shape[-1]
-        dev = self.deviation.view(Th, th, Tw, tw, Fo, K).permute(0, 2, 1, 3, 4, 5)
-        d = dev.gather(5, index.expand(Th, Tw, th, tw, Fo, E))
-        lookup = torch.where(valid, index, K)  # K: a zero appended to the kernels
-        scale = F.pad(self.deviation_scale, (0, 1))[lookup]
-        block = d.mul_(scale)  # in place: the gather does not need its output for the backward
-        m = self.shared_kernel()
-        if self._toeplitz:
-            # position (i, j) reads the kernel window starting at offset ((Lh-1-i) s, (Lw-1-j) s):
-            # the windows of the flipped kernel, pixels in reverse order (as the patches)
-            (H, W), (Sh, Sw), C = self.input_shape, self.support_shape, self.in_channels
-            windows = m[:, :-1].reshape(Fo, C, Sh, Sw).flip(2, 3).unfold(2, H, self.gh.stride)
-            windows = windows.unfold(3, W, self.gw.stride)  # (F, C, Lh, Lw, H, W)
-            block[..., :-1].view(th, tw, Fo, C, H, W).add_(windows.permute(2, 3, 0, 1, 4, 5))
-            block[..., -1].add_(m[:, -1])
+        Fo, K = self.out_channels, self.mask.shape[1]
+        valid = self._tile_valid
+        E = valid.shape[-1]
+        lookup = torch.where(valid, self._tile_index, K)  # K: a zero appended to the kernels
+        if self._compact:  # scaled first (the storage is the size of the weights), then a zero row
+            d = F.pad(self.deviation * self._compact_scale(), (0, 0, 0, 0, 0, 1)).permute(2, 1, 0)
+            index = self._tile_rows
         else:
-            shared = F.pad(m, (0, 1)).T[lookup.view(Th, Tw, th, tw, E)]  # (..., E, F)
-            block.add_(shared.transpose(-1, -2))
+            d, index = self.deviation, self._tile_index
+        dev = d.reshape(Th, th, Tw, tw, Fo, -1).permute(0, 2, 1, 3, 4, 5)
+        block = dev.gather(5, index.expand(Th, Tw, th, tw, Fo, E))
+        if not self._compact:  # in place: the gather does not need its output for the backward
+            block.mul_(F.pad(self.deviation_scale, (0, 1))[lookup])
+        shared = F.pad(self.shared_kernel(), (0, 1)).T[lookup.view(Th, Tw, th, tw, E)]  # (..., E, F)
+        block.add_(shared.transpose(-1, -2))
         return block.view(Th * Tw, th * tw * Fo, E)
 
     def _patches(self, x: torch.Tensor) -> torch.Tensor:
@@ -524,8 +706,6 @@ class SoftConv2d(nn.Module):
         pads = (aw.pad_before, aw.pad_after, ah.pad_before, ah.pad_after)
         if any(pads):
             x = F.pad(x, pads)  # negative values crop: rows no tile reads
-        if self._toeplitz:
-            x = x.flip(2, 3)
         n = x.shape[0]
         T = ah.n_tiles * aw.n_tiles
         if T == 1:

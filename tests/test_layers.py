@@ -173,7 +173,7 @@ def reference_dense(layer: SoftConv2d, x: torch.Tensor) -> torch.Tensor:
     """The original 'dense' formulation: ``kernels()`` gathered into a dense (L F, C H W) weight, one GEMM."""
     n, C = x.shape[:2]
     gh, gw = layer.gh, layer.gw
-    L, Fo, _ = layer.deviation.shape
+    L, Fo = layer.n_positions, layer.out_channels
     Sh, Sw = layer.support_shape
     oh = np.arange(gh.size)[None, :] - gh.anchors()[:, None] - gh.lo
     ow = np.arange(gw.size)[None, :] - gw.anchors()[:, None] - gw.lo
@@ -219,7 +219,9 @@ def test_every_tile_shape_matches_the_original_formulations(geometry):
         for a, b in zip(got, expected):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
         # absent offsets get no gradient, as with kernels()
-        assert torch.all(got[3][~layer.mask.unsqueeze(1).expand_as(layer.deviation)] == 0)
+        layer.deviation.grad = got[3]
+        grad = layer.deviation_gradient()
+        assert torch.all(grad[~layer.mask.unsqueeze(1).expand_as(grad)] == 0)
 
 
 def test_formulation_names_are_kept():
@@ -254,8 +256,9 @@ def test_auto_tile_rule():
     assert tile_macs(full, full, 1, 8, (28, 28)) == 28 * 28 * 8 * 28 * 28
 
 
-def test_tiles_do_not_build_the_kernels_tensor():
-    """The weight blocks are read from m and d directly: no (L, F, K) intermediate in the forward."""
+def test_forward_and_backward_do_not_build_the_kernels_tensor():
+    """Support 'full' (K about 4 C H W): nothing larger than the dense weight (bias row included) in the
+    forward and backward, gradients included; no (L, F, K) tensor."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Sizes(TorchDispatchMode):
@@ -263,17 +266,18 @@ def test_tiles_do_not_build_the_kernels_tensor():
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            if (isinstance(out, torch.Tensor) and func is not torch.ops.aten.detach.default
-                    and out.untyped_storage().data_ptr() != layer.deviation.untyped_storage().data_ptr()):
-                Sizes.largest = max(Sizes.largest, out.numel())
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and func is not torch.ops.aten.detach.default:
+                    Sizes.largest = max(Sizes.largest, t.numel())
             return out
 
     layer = SoftConv2d(1, 4, 3, (12, 12), padding="same", support="full", dtype=torch.float64)
-    x = torch.randn(2, 1, 12, 12, dtype=torch.float64)
+    x = torch.randn(2, 1, 12, 12, dtype=torch.float64, requires_grad=True)
     with Sizes():
-        layer(x)
-    L, F, K = layer.deviation.shape
-    assert Sizes.largest <= L * F * (12 * 12 + 1) < L * F * K
+        layer(x).sum().backward()
+    L, F, K = layer.n_positions, layer.out_channels, layer.mask.shape[1]
+    assert layer.deviation.grad is not None and layer.shared.grad is not None and x.grad is not None
+    assert Sizes.largest == L * F * (12 * 12 + 1) < L * F * K
 
 
 @pytest.mark.parametrize("formulation", ["unfold", "tiled", "dense"])

@@ -71,7 +71,7 @@ def test_tying_grid_compares_only_offsets_existing_at_both_positions():
     layer = SoftConv2d(1, 1, 1, (1, 2), padding="valid", support="full", dtype=torch.float64)
     # 1x2 image, k=1: two positions; offsets -1..1 horizontally; offset +1 exists only at p0, -1 only at p1
     with torch.no_grad():
-        layer.deviation.copy_(torch.tensor([[[0.0, 3.0, 5.0, 0.0]], [[7.0, 1.0, 0.0, 0.0]]], dtype=torch.float64))
+        layer.set_deviations(torch.tensor([[[0.0, 3.0, 5.0, 0.0]], [[7.0, 1.0, 0.0, 0.0]]], dtype=torch.float64))
     # offset 0 (index 1) exists at both; its difference is 2 -> 4 / L=2
     assert float(TyingL2Grid().value(_Net([layer]))) == pytest.approx(4.0 / 2)
     assert float(TyingL2Mean().value(_Net([layer]))) == pytest.approx((9 + 25 + 49 + 1) / 2)
