@@ -199,25 +199,25 @@ def _divisors(m: int) -> list[int]:
     return [d for d in range(1, m + 1) if m % d == 0]
 
 
-def _windows(v: torch.Tensor, geometry: tuple) -> torch.Tensor:
-    """Per-offset values ``v`` ``(B, C Sh Sw)`` at each stored deviation: ``(C H W, B, L)``.
+def _window_view(v: torch.Tensor, geometry: tuple) -> torch.Tensor:
+    """Per-offset values ``v`` ``(B, C Sh Sw)`` at each stored deviation: a view ``(C, H, W, B, Lh, Lw)``.
 
-    For a support covering the image, the offset that reaches pixel row
-    ``(c, h, w)`` of the compact storage (the flipped image) from position
-    ``(i, j)`` is ``(i sh + h, j sw + w)`` in the flipped support: the rows
-    for a position are a window of the flipped kernel, a Toeplitz structure.
+    For a support covering the image, the offset that reaches row
+    ``(c, h, w)`` of the compact storage (pixel ``(c, H-1-h, W-1-w)``) from
+    position ``(i, j)`` is ``(i sh + h, j sw + w)`` in the flipped support:
+    each position reads a window of the flipped kernel (a Toeplitz matrix).
     """
     C, H, W, Lh, Lw, sh, sw = geometry
     Sh, Sw = H + (Lh - 1) * sh, W + (Lw - 1) * sw
     win = v.reshape(-1, C, Sh, Sw).flip(2, 3).unfold(2, H, sh).unfold(3, W, sw)  # (B, C, Lh, Lw, H, W)
-    return win.permute(1, 4, 5, 0, 2, 3).reshape(C * H * W, -1, Lh * Lw)
+    return win.permute(1, 4, 5, 0, 2, 3)
 
 
-def _windows_adjoint(g: torch.Tensor, geometry: tuple) -> torch.Tensor:
-    """The adjoint of :func:`_windows`: ``(C H W, B, L)`` summed onto the offsets, ``(B, C Sh Sw)``.
+def _window_adjoint(g: torch.Tensor, geometry: tuple) -> torch.Tensor:
+    """The adjoint of :func:`_window_view`: ``(C H W, B, L)`` summed onto the offsets, ``(B, C Sh Sw)``.
 
-    Two passes of slice additions (over the rows, then the columns of
-    positions): several times faster than autograd through ``unfold``.
+    Slice additions over the rows, then the columns of positions: several
+    times faster than autograd through ``unfold``.
     """
     C, H, W, Lh, Lw, sh, sw = geometry
     Sh, Sw = H + (Lh - 1) * sh, W + (Lw - 1) * sw
@@ -233,39 +233,42 @@ def _windows_adjoint(g: torch.Tensor, geometry: tuple) -> torch.Tensor:
 
 
 class _CoveringDense(torch.autograd.Function):
-    """A layer whose support covers the image, as one GEMM ``x~ W + b``, with its own backward.
+    """A layer whose support covers the image as one GEMM ``x~ W + b``, with its own backward.
 
-    ``x~`` is the flipped image and ``W = d c + T(m)``: the compact deviations
-    ``(C H W, F, L)`` times their scales, plus the shared kernels' windows
-    (:func:`_windows`). Autograd through these steps would copy the weight
-    gradient for each slice of the parameter and each in-place add into a
-    view; here it is one GEMM into a new tensor (bias row included, through
-    a column of ones), scaled in place into ``deviation``'s gradient, and
-    :func:`_windows_adjoint` reduces it to ``m``'s.
+    ``x~`` is the flipped image and ``W = c d + T(m)``: the compact
+    deviations ``(C H W, F, L)`` times their scales ``c``, plus the shared
+    kernels' windows (:func:`_window_view`), built in one pass. Autograd
+    through these steps would copy the weight gradient for each slice of the
+    parameter and each in-place add into a view; here it is one GEMM into a
+    new tensor (the bias row through a column of ones), reduced to ``m``'s
+    gradient by :func:`_window_adjoint` and scaled in place into
+    ``deviation``'s.
     """
-
-    generate_vmap_rule = True  # every step is a batchable torch op: torch.func.vmap works
 
     @staticmethod
     def forward(x, deviation, m, scale, geometry):
         C, H, W, Lh, Lw, _, _ = geometry
-        chw, n = C * H * W, x.shape[0]
-        block = torch.addcmul(_windows(m[:, :-1], geometry), deviation[:chw], scale[:chw])  # (C H W, F, L)
-        bias = torch.addcmul(m[:, -1:], deviation[chw], scale[chw])  # (F, L)
-        out = torch.addmm(bias.reshape(-1), x.flip(2, 3).reshape(n, chw), block.view(chw, -1))
-        return out.view(n, m.shape[0], Lh, Lw), block
+        chw, n, Fo = C * H * W, x.shape[0], m.shape[0]
+        block = deviation.new_empty(chw, Fo, Lh * Lw)
+        torch.addcmul(_window_view(m[:, :-1], geometry), deviation[:chw].view(C, H, W, Fo, Lh, Lw),
+                      _window_view(scale[:-1], geometry), out=block.view(C, H, W, Fo, Lh, Lw))
+        bias = torch.addcmul(m[:, -1:], deviation[chw], scale[-1])  # (F, L)
+        out = torch.addmm(bias.view(-1), x.flip(2, 3).reshape(n, chw), block.view(chw, -1))
+        return out.view(n, Fo, Lh, Lw), block
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, _, _, scale, geometry = inputs
         ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)  # the block gets no gradient: no full-size zeros for it
         ctx.save_for_backward(x, output[1], scale)
         ctx.geometry = geometry
 
     @staticmethod
     def backward(ctx, grad_out, _):
+        # Runs under torch.func.vmap in stacked fits: batchable ops only, in place only on own tensors.
         x, block, scale = ctx.saved_tensors
-        C, H, W, Lh, Lw, _, _ = ctx.geometry
+        C, H, W, Lh, Lw, _, _ = geometry = ctx.geometry
         chw, n = C * H * W, x.shape[0]
         g = grad_out.reshape(n, -1)
         grad_x = grad_d = grad_m = None
@@ -275,11 +278,21 @@ class _CoveringDense(torch.autograd.Function):
             cols = torch.cat([x.flip(2, 3).reshape(n, chw), x.new_ones(n, 1)], dim=1)
             grad_w = cols.T.mm(g).view(chw + 1, -1, Lh * Lw)  # (C H W + 1, F, L), the bias row last
             if ctx.needs_input_grad[2]:
-                grad_m = torch.cat([_windows_adjoint(grad_w[:chw], ctx.geometry),
+                grad_m = torch.cat([_window_adjoint(grad_w[:chw], geometry),
                                     grad_w[chw].sum(-1).unsqueeze(-1)], dim=1)
             if ctx.needs_input_grad[1]:
-                grad_d = grad_w.mul_(scale)
+                grad_d = grad_w
+                grad_d[:chw].view(C, H, W, -1, Lh, Lw).mul_(_window_view(scale[:-1], geometry))
+                grad_d[chw].mul_(scale[-1])
         return grad_x, grad_d, grad_m, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, deviation, m, scale, geometry):
+        # one model at a time: the forward writes into its own buffer (out=), which vmap cannot batch
+        args = [a.movedim(d, 0) if d is not None else a.expand(info.batch_size, *a.shape)
+                for a, d in zip((x, deviation, m, scale), in_dims)]
+        outs = [_CoveringDense.apply(*(a[b] for a in args), geometry) for b in range(info.batch_size)]
+        return tuple(torch.stack(o) for o in zip(*outs)), (0, 0)
 
 
 class SoftConv2d(nn.Module):
@@ -562,9 +575,8 @@ class SoftConv2d(nn.Module):
 
         Computed from the buffer each time, so it cannot go stale.
         """
-        scale = self.deviation_scale
-        return torch.cat([_windows(scale[:-1].unsqueeze(0), self._geometry),
-                          scale[-1:].expand(1, 1, self.n_positions)])
+        scale, L = self.deviation_scale, self.n_positions
+        return torch.cat([_window_view(scale[:-1], self._geometry).reshape(-1, 1, L), scale[-1:].expand(1, 1, L)])
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # state dicts saved before the compact storage hold (L, F, K) 'full' deviations
@@ -651,7 +663,7 @@ class SoftConv2d(nn.Module):
     # --------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._toeplitz:
-            out, _ = _CoveringDense.apply(x, self.deviation, self.shared_kernel(), self._compact_scale(),
+            out, _ = _CoveringDense.apply(x, self.deviation, self.shared_kernel(), self.deviation_scale,
                                           self._geometry)
             return out
         n = x.shape[0]
