@@ -232,51 +232,90 @@ def _window_adjoint(g: torch.Tensor, geometry: tuple) -> torch.Tensor:
     return acc.permute(3, 0, 1, 2).flip(2, 3).reshape(B, -1)
 
 
+#: :class:`_CoveringDense` keeps a weight block up to this size for the backward. A larger one is
+#: built and multiplied in chunks of output channels of about ``_CHUNK_BYTES`` (in the cache), and
+#: rebuilt chunk by chunk in the backward: allocators map a block that large anew at every call
+#: (glibc above 32 MiB), and its page faults cost more than rebuilding it (see benchmarks/README.md).
+_SAVED_BLOCK_BYTES = 32 << 20
+_CHUNK_BYTES = 4 << 20
+
+
 class _CoveringDense(torch.autograd.Function):
     """A layer whose support covers the image as one GEMM ``x~ W + b``, with its own backward.
 
     ``x~`` is the flipped image and ``W = c d + T(m)``: the compact
     deviations ``(C H W, F, L)`` times their scales ``c``, plus the shared
-    kernels' windows (:func:`_window_view`), built in one pass. Autograd
-    through these steps would copy the weight gradient for each slice of the
-    parameter and each in-place add into a view; here it is one GEMM into a
-    new tensor (the bias row through a column of ones), reduced to ``m``'s
-    gradient by :func:`_window_adjoint` and scaled in place into
-    ``deviation``'s.
+    kernels' windows (:func:`_window_view`). Autograd through these steps
+    would copy the weight gradient for each slice of the parameter and each
+    in-place add into a view; here it is one GEMM into a new tensor (the bias
+    row through a column of ones), reduced to ``m``'s gradient by
+    :func:`_window_adjoint` and scaled in place into ``deviation``'s.
     """
+
+    @staticmethod
+    def _chunk(deviation, geometry) -> int:
+        """Output channels per chunk of the weight block (all of them: the block is kept)."""
+        C, H, W, Lh, Lw, _, _ = geometry
+        per_channel = C * H * W * Lh * Lw * deviation.element_size()
+        Fo = deviation.shape[1]
+        return Fo if Fo * per_channel <= _SAVED_BLOCK_BYTES else max(1, _CHUNK_BYTES // per_channel)
 
     @staticmethod
     def forward(x, deviation, m, scale, geometry):
         C, H, W, Lh, Lw, _, _ = geometry
-        chw, n, Fo = C * H * W, x.shape[0], m.shape[0]
-        block = deviation.new_empty(chw, Fo, Lh * Lw)
-        torch.addcmul(_window_view(m[:, :-1], geometry), deviation[:chw].view(C, H, W, Fo, Lh, Lw),
-                      _window_view(scale[:-1], geometry), out=block.view(C, H, W, Fo, Lh, Lw))
-        bias = torch.addcmul(m[:, -1:], deviation[chw], scale[-1])  # (F, L)
-        out = torch.addmm(bias.view(-1), x.flip(2, 3).reshape(n, chw), block.view(chw, -1))
-        return out.view(n, Fo, Lh, Lw), block
+        chw, n, Fo, L = C * H * W, x.shape[0], m.shape[0], Lh * Lw
+        fc = _CoveringDense._chunk(deviation, geometry)
+        d = deviation[:chw].view(C, H, W, Fo, Lh, Lw)
+        T, S = _window_view(m[:, :-1], geometry), _window_view(scale[:-1], geometry)
+        bias = torch.addcmul(m[:, -1:], deviation[chw], scale[-1]).view(-1)  # (F L,)
+        xf = x.flip(2, 3).reshape(n, chw)
+        out = x.new_empty(n, Fo * L)
+        work = deviation.new_empty(chw * fc * L)
+        for f0 in range(0, Fo, fc):
+            f1 = min(f0 + fc, Fo)
+            block = work[: chw * (f1 - f0) * L].view(C, H, W, f1 - f0, Lh, Lw)
+            torch.addcmul(T[:, :, :, f0:f1], d[:, :, :, f0:f1], S, out=block)
+            torch.addmm(bias[f0 * L : f1 * L], xf, block.view(chw, -1), out=out[:, f0 * L : f1 * L])
+        return out.view(n, Fo, Lh, Lw), work if fc == Fo else work[:0]
+
+    @staticmethod
+    def _block(deviation, m, scale, geometry, f0, f1) -> torch.Tensor:
+        """Rows ``(C H W, f1 - f0, L)`` of the weight block, as in the forward (up to rounding), batchable."""
+        C, H, W, Lh, Lw, _, _ = geometry
+        d = deviation[: C * H * W, f0:f1].reshape(C, H, W, f1 - f0, Lh, Lw)
+        block = torch.add(d * _window_view(scale[:-1], geometry), _window_view(m[f0:f1, :-1], geometry))
+        return block.reshape(C * H * W, -1)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, _, _, scale, geometry = inputs
+        x, deviation, m, scale, geometry = inputs
         ctx.mark_non_differentiable(output[1])
         ctx.set_materialize_grads(False)  # the block gets no gradient: no full-size zeros for it
-        ctx.save_for_backward(x, output[1], scale)
+        ctx.save_for_backward(x, deviation, m, scale, output[1])
         ctx.geometry = geometry
 
     @staticmethod
     def backward(ctx, grad_out, _):
         # Runs under torch.func.vmap in stacked fits: batchable ops only, in place only on own tensors.
-        x, block, scale = ctx.saved_tensors
+        x, deviation, m, scale, saved = ctx.saved_tensors
         C, H, W, Lh, Lw, _, _ = geometry = ctx.geometry
-        chw, n = C * H * W, x.shape[0]
+        chw, n, Fo, L = C * H * W, x.shape[0], m.shape[0], Lh * Lw
         g = grad_out.reshape(n, -1)
         grad_x = grad_d = grad_m = None
         if ctx.needs_input_grad[0]:
-            grad_x = g.mm(block.view(chw, -1).T).view_as(x).flip(2, 3)
+            if saved.numel():
+                grad_x = g.mm(saved.view(chw, -1).T)
+            else:  # rebuilt chunk by chunk, as in the forward
+                fc = _CoveringDense._chunk(deviation, geometry)
+                for f0 in range(0, Fo, fc):
+                    f1 = min(f0 + fc, Fo)
+                    block = _CoveringDense._block(deviation, m, scale, geometry, f0, f1)
+                    part = g[:, f0 * L : f1 * L]
+                    grad_x = part.mm(block.T) if grad_x is None else grad_x.addmm_(part, block.T)
+            grad_x = grad_x.view_as(x).flip(2, 3)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             cols = torch.cat([x.flip(2, 3).reshape(n, chw), x.new_ones(n, 1)], dim=1)
-            grad_w = cols.T.mm(g).view(chw + 1, -1, Lh * Lw)  # (C H W + 1, F, L), the bias row last
+            grad_w = cols.T.mm(g).view(chw + 1, -1, L)  # (C H W + 1, F, L), the bias row last
             if ctx.needs_input_grad[2]:
                 grad_m = torch.cat([_window_adjoint(grad_w[:chw], geometry),
                                     grad_w[chw].sum(-1).unsqueeze(-1)], dim=1)
@@ -288,7 +327,7 @@ class _CoveringDense(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, x, deviation, m, scale, geometry):
-        # one model at a time: the forward writes into its own buffer (out=), which vmap cannot batch
+        # one model at a time: the forward writes into its own buffers (out=), which vmap cannot batch
         args = [a.movedim(d, 0) if d is not None else a.expand(info.batch_size, *a.shape)
                 for a, d in zip((x, deviation, m, scale), in_dims)]
         outs = [_CoveringDense.apply(*(a[b] for a in args), geometry) for b in range(info.batch_size)]

@@ -280,12 +280,13 @@ def test_forward_and_backward_do_not_build_the_kernels_tensor():
     assert Sizes.largest == L * F * (12 * 12 + 1) < L * F * K
 
 
+@pytest.mark.parametrize("support", [5, "full"])
 @pytest.mark.parametrize("formulation", ["unfold", "tiled", "dense"])
-def test_forward_under_vmap_over_stacked_parameters(formulation):
+def test_forward_under_vmap_over_stacked_parameters(formulation, support):
     """torch.func.vmap over models (softcnn.batched stacks them this way) gives each model's output."""
     from torch.func import functional_call, vmap
 
-    layer = random_layer(2, 3, 8, 8, 3, 1, "same", 5, formulation)
+    layer = random_layer(2, 3, 8, 8, 3, 1, "same", support, formulation)
     g = torch.Generator().manual_seed(4)
     shared = torch.randn(2, *layer.shared.shape, dtype=torch.float64, generator=g)
     deviation = torch.randn(2, *layer.deviation.shape, dtype=torch.float64, generator=g)
@@ -294,3 +295,70 @@ def test_forward_under_vmap_over_stacked_parameters(formulation):
     for i in range(2):
         expected = functional_call(layer, {"shared": shared[i], "deviation": deviation[i]}, (x[i],))
         torch.testing.assert_close(out[i], expected, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_full_support_gradients_under_vmap_over_stacked_models(frozen):
+    """vmap(grad_and_value) over stacked models (softcnn.batched on a GPU) gives each model's own J and
+    gradient with the compact 'full' storage, also with frozen deviations (the CNN limit)."""
+    from torch.func import functional_call, grad_and_value, vmap
+
+    layer = random_layer(2, 3, 6, 5, 3, 1, "same", "full", "auto")
+    assert layer.formulation == "dense"
+    g = torch.Generator().manual_seed(5)
+    params = {"shared": torch.randn(2, *layer.shared.shape, dtype=torch.float64, generator=g)}
+    deviation = torch.randn(2, *layer.deviation.shape, dtype=torch.float64, generator=g)
+    scales = torch.rand(2, *layer.deviation_scale.shape, dtype=torch.float64, generator=g) + 0.5
+    x = torch.randn(2, 4, 2, 6, 5, dtype=torch.float64, generator=g)
+
+    def loss(params, scale, xb, dev):
+        state = {**params, "deviation_scale": scale, "deviation": dev}
+        return functional_call(layer, state, (xb,)).sin().sum()
+
+    if frozen:  # the deviation is not a stacked parameter: one tensor for every model
+        got_grad, got_value = vmap(grad_and_value(loss), in_dims=(0, 0, 0, None))(params, scales, x, deviation[0])
+        deviation = deviation[:1].expand(2, *deviation.shape[1:])
+    else:
+        params["deviation"] = deviation
+        got_grad, got_value = vmap(grad_and_value(lambda p, s, xb: loss(p, s, xb, p["deviation"])))(params, scales, x)
+    for i in range(2):
+        p = {k: v[i].clone().requires_grad_() for k, v in params.items()}
+        value = loss(p, scales[i], x[i], p.get("deviation", deviation[i]))
+        grads = torch.autograd.grad(value, list(p.values()))
+        torch.testing.assert_close(got_value[i], value, rtol=0, atol=1e-10)
+        for name, grad in zip(p, grads):
+            torch.testing.assert_close(got_grad[name][i], grad, rtol=0, atol=1e-10)
+
+
+FULL_GEOMETRIES = [g for g in GEOMETRIES if g[-1] == "full"] + [
+    (1, 3, 7, 5, 3, 2, "same", "full"),  # stride 2, non-square
+    (3, 2, 5, 6, 2, 1, "valid", "full"),  # even kernel, three channels
+]
+
+
+@pytest.mark.parametrize("chunks", [None, 1, 2])
+@pytest.mark.parametrize("geometry", FULL_GEOMETRIES)
+def test_full_support_one_gemm_matches_the_kernel_view(geometry, chunks, monkeypatch):
+    """The compact 'full' storage run as one GEMM (weight block kept, or rebuilt by chunks of output
+    channels in the backward) gives the outputs and gradients of the (L, F, K) kernels() reference."""
+    from softcnn import layers
+
+    if chunks is not None:  # blocks of `chunks` channels (the last one shorter), rebuilt in the backward
+        C, F, H, W = geometry[:4]
+        monkeypatch.setattr(layers, "_SAVED_BLOCK_BYTES", 0)
+        monkeypatch.setattr(layers, "_CHUNK_BYTES", chunks * C * H * W * 8 * int(np.prod(
+            SoftConv2d(C, F, geometry[4], (H, W), stride=geometry[5], padding=geometry[6]).output_shape)))
+    C, F, H, W = geometry[:4]
+    layer = random_layer(*geometry, "auto")
+    assert layer.formulation == "dense" and layer.deviation.shape == (C * H * W + 1, F, layer.n_positions)
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        layer.shared_scale.uniform_(0.5, 2.0, generator=g)
+        layer.deviation_scale.uniform_(0.5, 2.0, generator=g)
+    x = torch.randn(3, C, H, W, dtype=torch.float64, generator=g, requires_grad=True)
+    grad_out = torch.randn(3, F, *layer.output_shape, dtype=torch.float64, generator=g)
+    expected = outputs_and_grads(layer, lambda x: reference_unfold(layer, x), x, grad_out)
+    got = outputs_and_grads(layer, layer, x, grad_out)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    assert got[0].is_contiguous()
