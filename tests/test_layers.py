@@ -362,3 +362,84 @@ def test_full_support_one_gemm_matches_the_kernel_view(geometry, chunks, monkeyp
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
     assert got[0].is_contiguous()
+
+
+@pytest.mark.parametrize("geometry", FULL_GEOMETRIES + [GEOMETRIES[1]])
+def test_deviation_accessors_round_trip_whatever_the_storage(geometry):
+    """set_deviations / deviations / as_deviation_storage / deviation_gradient speak (L, F, K) for
+    both storages; the compact one holds exactly the existing offsets."""
+    layer = random_layer(*geometry, "auto")
+    L, F, K = layer.n_positions, layer.out_channels, layer.mask.shape[1]
+    exists = layer.mask.unsqueeze(1).expand(L, F, K)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        layer.deviation_scale.copy_(2.0 ** torch.randint(-2, 3, (K,), generator=g))  # exact conversions
+    d = torch.randn(L, F, K, dtype=torch.float64, generator=g)
+    before = layer.deviations().detach().clone()
+    layer.set_deviations(d)
+    got = layer.deviations().detach()
+    assert torch.equal(got[exists], d[exists])
+    if layer._compact:  # only existing offsets are stored: absent ones read 0
+        assert layer.deviation.numel() == int(layer.mask.sum()) * F and torch.all(got[~exists] == 0)
+    else:  # absent offsets keep their values
+        assert torch.equal(got[~exists], before[~exists])
+    # the storage layout of (L, F, K) values: the raw parameter, and each stored entry's scale
+    raw = layer.as_deviation_storage(d / layer.deviation_scale)
+    if layer._compact:
+        assert torch.equal(layer.deviation.detach(), raw)
+        scale = layer.as_deviation_storage(layer.deviation_scale)
+        assert scale.shape == (layer.deviation.shape[0], 1, L) and torch.equal(layer._compact_scale(), scale)
+    else:
+        assert torch.equal(layer.deviation.detach()[exists], raw[exists])
+    # set_scales keeps the model
+    w0 = layer.kernels().detach().clone()
+    layer.set_scales(torch.full((K,), 0.5, dtype=torch.float64), torch.full((K,), 4.0, dtype=torch.float64))
+    torch.testing.assert_close(layer.kernels().detach(), w0, rtol=0, atol=0)
+    # deviation_gradient is dJ/dd_p of the kernel view, zero where absent
+    x = torch.randn(2, geometry[0], *geometry[2:4], dtype=torch.float64, generator=g)
+    grad_out = torch.randn(2, F, *layer.output_shape, dtype=torch.float64, generator=g)
+    layer(x).backward(grad_out)
+    dv = layer.deviations().detach().requires_grad_()
+    w = (layer.shared_kernel().detach() + dv) * layer.mask.unsqueeze(1)
+    ref = torch.autograd.grad(reference_unfold_from(layer, w, x), dv, grad_out)[0] * exists
+    torch.testing.assert_close(layer.deviation_gradient(), ref, rtol=0, atol=1e-10)
+
+
+def reference_unfold_from(layer: SoftConv2d, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """reference_unfold with the kernel vectors ``w`` (L, F, K) given."""
+    kernels = layer.kernels
+    layer.kernels = lambda: w
+    try:
+        return reference_unfold(layer, x)
+    finally:
+        layer.kernels = kernels
+
+
+def test_full_layer_loads_old_layout_state_dicts_and_round_trips():
+    """A state dict saved with the (L, F, K) 'full' layout loads into the compact storage; the new
+    layout round-trips through state_dict, pickle and deepcopy; the parameter freezes as before."""
+    import copy
+    import pickle
+
+    layer = random_layer(2, 3, 6, 5, 3, 1, "same", "full", "auto")
+    L, F, K = layer.n_positions, layer.out_channels, layer.mask.shape[1]
+    g = torch.Generator().manual_seed(9)
+    old = {"shared": torch.randn(F, K, dtype=torch.float64, generator=g),
+           "deviation": torch.randn(L, F, K, dtype=torch.float64, generator=g),
+           "shared_scale": torch.rand(K, dtype=torch.float64, generator=g) + 0.5,
+           "deviation_scale": 2.0 ** torch.randint(-2, 3, (K,), generator=g).double()}
+    layer.load_state_dict(old)
+    exists = layer.mask.unsqueeze(1).expand(L, F, K)
+    expected = old["deviation"] * old["deviation_scale"]
+    assert layer.deviation.shape == (2 * 6 * 5 + 1, F, L)
+    assert torch.equal(layer.deviations().detach()[exists], expected[exists])
+    x = torch.randn(2, 2, 6, 5, dtype=torch.float64, generator=g)
+    w = (old["shared"] * old["shared_scale"] + expected) * layer.mask.unsqueeze(1)
+    torch.testing.assert_close(layer(x), reference_unfold_from(layer, w, x), rtol=0, atol=1e-10)
+    fresh = random_layer(2, 3, 6, 5, 3, 1, "same", "full", "auto", seed=1)
+    fresh.load_state_dict(layer.state_dict())
+    for other in (fresh, pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer)):
+        torch.testing.assert_close(other(x), layer(x), rtol=0, atol=0)
+    layer.deviation.requires_grad_(False)  # the CNN limit's freezing
+    layer(x).sum().backward()
+    assert layer.deviation.grad is None and layer.shared.grad is not None
