@@ -9,12 +9,13 @@ CNN, and the tying penalties fall on ``d``.
 All penalties see a layer through one view: per-unit *kernel vectors* of
 length ``K = C * Sh * Sw + 1`` (the last entry is the bias) with a boolean
 existence mask of shape ``(L, K)``: an offset that falls outside the image at
-a position does not exist there.
+a position does not exist there. How the deviations are stored is the layer's
+business (with ``support='full'`` only the existing offsets are, about a
+quarter of ``K``); everything else reads and writes them in that view.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from fractions import Fraction
@@ -363,7 +364,9 @@ class SoftConv2d(nn.Module):
         are one batched matmul. ``'unfold'``: one position per tile (a batched
         matmul over unfolded ``Sh x Sw`` patches); ``'dense'``: one tile of
         every position (one GEMM with a dense ``(L F, C H W)`` weight, the
-        right choice when the support covers the image); ``'tiled'`` and
+        right choice when the support covers the image: the weight is then
+        the stored deviations plus the shared kernels' windows, with a
+        backward of its own, see ``deviation``); ``'tiled'`` and
         ``'auto'``: the tile shape chosen by :func:`choose_tile` (the
         fewest multiply-adds, weighted by a model of the matmul's speed
         fitted in ``benchmarks/bench_layer.py --sweep``; ``'dense'`` for
@@ -444,12 +447,14 @@ class SoftConv2d(nn.Module):
         ex = np.broadcast_to(ex.reshape(L, 1, Sh * Sw), (L, in_channels, Sh * Sw)).reshape(L, -1)
         mask = np.concatenate([ex, np.ones((L, 1), dtype=bool)], axis=1)
         self.register_buffer("mask", torch.as_tensor(mask, device=device), persistent=False)
-        index = self._compact_offsets() if self._compact else None
-        self.register_buffer("_compact_index", None if index is None else torch.as_tensor(index, device=device),
-                             persistent=False)
         win = np.outer(self.gh.in_window(), self.gw.in_window()).ravel()
         self.register_buffer("window", torch.as_tensor(win, device=device), persistent=False)
         self._geometry = (in_channels, H, W, *self.output_shape, self.gh.stride, self.gw.stride)
+        index = None
+        if self._compact:  # the kernel entry of each stored deviation, (C H W + 1, L), the bias last
+            index = torch.cat([_window_view(torch.arange(K - 1, device=device), self._geometry).reshape(-1, L),
+                               torch.full((1, L), K - 1, device=device)])
+        self.register_buffer("_compact_index", index, persistent=False)
         self._build_tiles(formulation, device)
         self.reset_parameters(generator)
 
@@ -484,7 +489,7 @@ class SoftConv2d(nn.Module):
             raise ValueError(f"tile_shape {tile_shape} must divide the output shape {self.output_shape}.")
         ah, aw = _axis_tiles(self.gh, th), _axis_tiles(self.gw, tw)
         # One tile and compact storage: the whole layer is one GEMM (_CoveringDense), no index maps.
-        self._toeplitz = self._compact and ah.n_tiles == aw.n_tiles == 1
+        self._one_gemm = self._compact and ah.n_tiles == aw.n_tiles == 1
         (H, W), (Sh, Sw), C = self.input_shape, self.support_shape, self.in_channels
 
         def per_entry(rows, cols, row_stride, channel_stride):
@@ -595,34 +600,11 @@ class SoftConv2d(nn.Module):
         index = self._compact_index.T.unsqueeze(1).expand(L, t.shape[1], -1)
         return t.new_zeros(L, t.shape[1], K).scatter(2, index, t.permute(2, 1, 0))
 
-    def _compact_offsets(self) -> np.ndarray:
-        """Kernel entry (``0..K-1``) of each stored deviation, ``(C H W + 1, L)`` (compact storage).
-
-        Row ``(c, h, w)`` is pixel ``(c, H-1-h, W-1-w)``, the bias last.
-        """
-        (H, W), (Sh, Sw), C = self.input_shape, self.support_shape, self.in_channels
-        gh, gw = self.gh, self.gw
-        oh = (H - 1 - np.arange(H))[:, None] - gh.anchors()[None, :] - gh.lo  # (H, Lh)
-        ow = (W - 1 - np.arange(W))[:, None] - gw.anchors()[None, :] - gw.lo
-        off = oh[:, None, :, None] * Sw + ow[None, :, None, :]  # (H, W, Lh, Lw)
-        off = off[None] + (np.arange(C) * Sh * Sw)[:, None, None, None, None]
-        L = self.n_positions
-        return np.concatenate([off.reshape(-1, L), np.full((1, L), C * Sh * Sw)])
-
-    def _compact_scale(self) -> torch.Tensor:
-        """``deviation_scale`` at each stored deviation, ``(C H W + 1, 1, L)`` (compact storage).
-
-        Computed from the buffer each time, so it cannot go stale.
-        """
-        scale, L = self.deviation_scale, self.n_positions
-        return torch.cat([_window_view(scale[:-1], self._geometry).reshape(-1, 1, L), scale[-1:].expand(1, 1, L)])
-
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # state dicts saved before the compact storage hold (L, F, K) 'full' deviations
         key = prefix + "deviation"
         saved = state_dict.get(key)
-        if self._compact and saved is not None and saved.shape == (*self.mask.shape[:1], self.out_channels,
-                                                                    self.mask.shape[1]):
+        if self._compact and saved is not None and saved.shape == (self.n_positions, *self.shared.shape):
             state_dict[key] = self.as_deviation_storage(saved.to(self.mask.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -701,7 +683,7 @@ class SoftConv2d(nn.Module):
 
     # --------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._toeplitz:
+        if self._one_gemm:
             out, _ = _CoveringDense.apply(x, self.deviation, self.shared_kernel(), self.deviation_scale,
                                           self._geometry)
             return out
@@ -739,7 +721,8 @@ class SoftConv2d(nn.Module):
         E = valid.shape[-1]
         lookup = torch.where(valid, self._tile_index, K)  # K: a zero appended to the kernels
         if self._compact:  # scaled first (the storage is the size of the weights), then a zero row
-            d = F.pad(self.deviation * self._compact_scale(), (0, 0, 0, 0, 0, 1)).permute(2, 1, 0)
+            d = F.pad(self.deviation * self.as_deviation_storage(self.deviation_scale), (0, 0, 0, 0, 0, 1))
+            d = d.permute(2, 1, 0)
             index = self._tile_rows
         else:
             d, index = self.deviation, self._tile_index
