@@ -245,8 +245,9 @@ class _CoveringDense(torch.autograd.Function):
     """A layer whose support covers the image as one GEMM ``x~ W + b``, with its own backward.
 
     ``x~`` is the flipped image and ``W = c d + T(m)``: the compact
-    deviations ``(C H W, F, L)`` times their scales ``c``, plus the shared
-    kernels' windows (:func:`_window_view`). Autograd through these steps
+    deviations ``(C H W, F, L)`` times their scales ``c`` (``scale``,
+    ``(C H W + 1, 1, L)``), plus the shared kernels' windows
+    (:func:`_window_view`). Autograd through these steps
     would copy the weight gradient for each slice of the parameter and each
     in-place add into a view; here it is one GEMM into a new tensor (the bias
     row through a column of ones), reduced to ``m``'s gradient by
@@ -267,8 +268,8 @@ class _CoveringDense(torch.autograd.Function):
         chw, n, Fo, L = C * H * W, x.shape[0], m.shape[0], Lh * Lw
         fc = _CoveringDense._chunk(deviation, geometry)
         d = deviation[:chw].view(C, H, W, Fo, Lh, Lw)
-        T, S = _window_view(m[:, :-1], geometry), _window_view(scale[:-1], geometry)
-        bias = torch.addcmul(m[:, -1:], deviation[chw], scale[-1]).view(-1)  # (F L,)
+        T, S = _window_view(m[:, :-1], geometry), scale[:chw].view(C, H, W, 1, Lh, Lw)
+        bias = torch.addcmul(m[:, -1:], deviation[chw], scale[chw]).view(-1)  # (F L,)
         xf = x.flip(2, 3).reshape(n, chw)
         out = x.new_empty(n, Fo * L)
         work = deviation.new_empty(chw * fc * L)
@@ -283,9 +284,10 @@ class _CoveringDense(torch.autograd.Function):
     def _block(deviation, m, scale, geometry, f0, f1) -> torch.Tensor:
         """Rows ``(C H W, f1 - f0, L)`` of the weight block, as in the forward (up to rounding), batchable."""
         C, H, W, Lh, Lw, _, _ = geometry
-        d = deviation[: C * H * W, f0:f1].reshape(C, H, W, f1 - f0, Lh, Lw)
-        block = torch.add(d * _window_view(scale[:-1], geometry), _window_view(m[f0:f1, :-1], geometry))
-        return block.reshape(C * H * W, -1)
+        chw = C * H * W
+        d = deviation[:chw, f0:f1] * scale[:chw]
+        block = torch.add(d.reshape(C, H, W, f1 - f0, Lh, Lw), _window_view(m[f0:f1, :-1], geometry))
+        return block.reshape(chw, -1)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -321,9 +323,7 @@ class _CoveringDense(torch.autograd.Function):
                 grad_m = torch.cat([_window_adjoint(grad_w[:chw], geometry),
                                     grad_w[chw].sum(-1).unsqueeze(-1)], dim=1)
             if ctx.needs_input_grad[1]:
-                grad_d = grad_w
-                grad_d[:chw].view(C, H, W, -1, Lh, Lw).mul_(_window_view(scale[:-1], geometry))
-                grad_d[chw].mul_(scale[-1])
+                grad_d = grad_w.mul_(scale)
         return grad_x, grad_d, grad_m, None, None
 
     @staticmethod
@@ -600,6 +600,15 @@ class SoftConv2d(nn.Module):
         index = self._compact_index.T.unsqueeze(1).expand(L, t.shape[1], -1)
         return t.new_zeros(L, t.shape[1], K).scatter(2, index, t.permute(2, 1, 0))
 
+    def _stored_scale(self) -> torch.Tensor:
+        """``deviation_scale`` at each stored deviation, ``(C H W + 1, 1, L)`` (compact storage).
+
+        ``as_deviation_storage(deviation_scale)`` through views (several times
+        faster than the gather), from the buffer at each call: never stale.
+        """
+        scale, L = self.deviation_scale, self.n_positions
+        return torch.cat([_window_view(scale[:-1], self._geometry).reshape(-1, 1, L), scale[-1:].expand(1, 1, L)])
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # state dicts saved before the compact storage hold (L, F, K) 'full' deviations
         key = prefix + "deviation"
@@ -684,7 +693,7 @@ class SoftConv2d(nn.Module):
     # --------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._one_gemm:
-            out, _ = _CoveringDense.apply(x, self.deviation, self.shared_kernel(), self.deviation_scale,
+            out, _ = _CoveringDense.apply(x, self.deviation, self.shared_kernel(), self._stored_scale(),
                                           self._geometry)
             return out
         n = x.shape[0]
@@ -721,8 +730,7 @@ class SoftConv2d(nn.Module):
         E = valid.shape[-1]
         lookup = torch.where(valid, self._tile_index, K)  # K: a zero appended to the kernels
         if self._compact:  # scaled first (the storage is the size of the weights), then a zero row
-            d = F.pad(self.deviation * self.as_deviation_storage(self.deviation_scale), (0, 0, 0, 0, 0, 1))
-            d = d.permute(2, 1, 0)
+            d = F.pad(self.deviation * self._stored_scale(), (0, 0, 0, 0, 0, 1)).permute(2, 1, 0)
             index = self._tile_rows
         else:
             d, index = self.deviation, self._tile_index

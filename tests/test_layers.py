@@ -389,7 +389,8 @@ def test_deviation_accessors_round_trip_whatever_the_storage(geometry):
         assert torch.equal(layer.deviation.detach(), raw)
         scale = layer.as_deviation_storage(layer.deviation_scale)
         assert scale.shape == (layer.deviation.shape[0], 1, L)
-        assert torch.equal(scale.squeeze(1)[:-1], layer.deviation_scale[layer._compact_index[:-1]])
+        assert torch.equal(scale.squeeze(1), layer.deviation_scale[layer._compact_index])
+        assert torch.equal(layer._stored_scale(), scale)
     else:
         assert torch.equal(layer.deviation.detach()[exists], raw[exists])
     # set_scales keeps the model
