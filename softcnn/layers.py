@@ -281,15 +281,6 @@ class _CoveringDense(torch.autograd.Function):
         return out.view(n, Fo, Lh, Lw), work if fc == Fo else work[:0]
 
     @staticmethod
-    def _block(deviation, m, scale, geometry, f0, f1) -> torch.Tensor:
-        """Rows ``(C H W, f1 - f0, L)`` of the weight block, as in the forward (up to rounding), batchable."""
-        C, H, W, Lh, Lw, _, _ = geometry
-        chw = C * H * W
-        d = deviation[:chw, f0:f1] * scale[:chw]
-        block = torch.add(d.reshape(C, H, W, f1 - f0, Lh, Lw), _window_view(m[f0:f1, :-1], geometry))
-        return block.reshape(chw, -1)
-
-    @staticmethod
     def setup_context(ctx, inputs, output):
         x, deviation, m, scale, geometry = inputs
         ctx.mark_non_differentiable(output[1])
@@ -308,13 +299,17 @@ class _CoveringDense(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             if saved.numel():
                 grad_x = g.mm(saved.view(chw, -1).T)
-            else:  # rebuilt chunk by chunk, as in the forward
+            else:  # rebuilt chunk by chunk as in the forward, in one buffer (fresh ones would page-fault)
                 fc = _CoveringDense._chunk(deviation, geometry)
+                d, S = deviation[:chw].view(C, H, W, Fo, Lh, Lw), scale[:chw].view(C, H, W, 1, Lh, Lw)
+                T = _window_view(m[:, :-1], geometry)
+                work = g.new_empty(chw * fc * L)  # batched like g under vmap: in-place writes are allowed
                 for f0 in range(0, Fo, fc):
                     f1 = min(f0 + fc, Fo)
-                    block = _CoveringDense._block(deviation, m, scale, geometry, f0, f1)
-                    part = g[:, f0 * L : f1 * L]
-                    grad_x = part.mm(block.T) if grad_x is None else grad_x.addmm_(part, block.T)
+                    block = work[: chw * (f1 - f0) * L].view(C, H, W, f1 - f0, Lh, Lw)
+                    block.copy_(d[:, :, :, f0:f1]).mul_(S).add_(T[:, :, :, f0:f1])  # ops vmap batches
+                    part, block = g[:, f0 * L : f1 * L], block.view(chw, -1)
+                    grad_x = part.mm(block.T) if grad_x is None else torch.addmm(grad_x, part, block.T)
             grad_x = grad_x.view_as(x).flip(2, 3)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             cols = torch.cat([x.flip(2, 3).reshape(n, chw), x.new_ones(n, 1)], dim=1)

@@ -1,6 +1,7 @@
 """SoftConv2d against a brute-force loop, and against nn.Conv2d at the CNN limit."""
 
 import itertools
+import warnings
 
 import numpy as np
 import pytest
@@ -297,12 +298,19 @@ def test_forward_under_vmap_over_stacked_parameters(formulation, support):
         torch.testing.assert_close(out[i], expected, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("chunked", [False, True])
 @pytest.mark.parametrize("frozen", [False, True])
-def test_full_support_gradients_under_vmap_over_stacked_models(frozen):
+def test_full_support_gradients_under_vmap_over_stacked_models(frozen, chunked, monkeypatch):
     """vmap(grad_and_value) over stacked models (softcnn.batched on a GPU) gives each model's own J and
-    gradient with the compact 'full' storage, also with frozen deviations (the CNN limit)."""
+    gradient with the compact 'full' storage, also with frozen deviations (the CNN limit) and with the
+    weight block rebuilt by chunks in the backward."""
     from torch.func import functional_call, grad_and_value, vmap
 
+    from softcnn import layers
+
+    if chunked:  # chunks of 2 of the 3 channels
+        monkeypatch.setattr(layers, "_SAVED_BLOCK_BYTES", 0)
+        monkeypatch.setattr(layers, "_CHUNK_BYTES", 2 * 2 * 6 * 5 * 30 * 8)
     layer = random_layer(2, 3, 6, 5, 3, 1, "same", "full", "auto")
     assert layer.formulation == "dense"
     g = torch.Generator().manual_seed(5)
@@ -315,12 +323,22 @@ def test_full_support_gradients_under_vmap_over_stacked_models(frozen):
         state = {**params, "deviation_scale": scale, "deviation": dev}
         return functional_call(layer, state, (xb,)).sin().sum()
 
-    if frozen:  # the deviation is not a stacked parameter: one tensor for every model
-        got_grad, got_value = vmap(grad_and_value(loss), in_dims=(0, 0, 0, None))(params, scales, x, deviation[0])
-        deviation = deviation[:1].expand(2, *deviation.shape[1:])
-    else:
-        params["deviation"] = deviation
-        got_grad, got_value = vmap(grad_and_value(lambda p, s, xb: loss(p, s, xb, p["deviation"])))(params, scales, x)
+    x.requires_grad_(chunked)  # the input's gradient is what rebuilds the block
+    if chunked:
+        params["x"] = x
+        loss_ = loss
+        loss = lambda p, scale, xb, dev: loss_({k: v for k, v in p.items() if k != "x"}, scale, p["x"], dev)  # noqa: E731
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. vmap's slow fallback for an op without a batching rule
+        if frozen:  # the deviation is not a stacked parameter: one tensor for every model
+            got_grad, got_value = vmap(grad_and_value(loss), in_dims=(0, 0, 0, None))(
+                params, scales, x, deviation[0])
+            deviation = deviation[:1].expand(2, *deviation.shape[1:])
+        else:
+            params["deviation"] = deviation
+            got_grad, got_value = vmap(grad_and_value(lambda p, s, xb: loss(p, s, xb, p["deviation"])))(
+                params, scales, x)
     for i in range(2):
         p = {k: v[i].clone().requires_grad_() for k, v in params.items()}
         value = loss(p, scales[i], x[i], p.get("deviation", deviation[i]))
