@@ -244,14 +244,15 @@ _CHUNK_BYTES = 4 << 20
 class _CoveringDense(torch.autograd.Function):
     """A layer whose support covers the image as one GEMM ``x~ W + b``, with its own backward.
 
-    ``x~`` is the flipped image and ``W = c d + T(m)``: the compact
-    deviations ``(C H W, F, L)`` times their scales ``c`` (``scale``,
-    ``(C H W + 1, 1, L)``), plus the shared kernels' windows
-    (:func:`_window_view`). Autograd through these steps
-    would copy the weight gradient for each slice of the parameter and each
-    in-place add into a view; here it is one GEMM into a new tensor (the bias
-    row through a column of ones), reduced to ``m``'s gradient by
-    :func:`_window_adjoint` and scaled in place into ``deviation``'s.
+    ``x~`` is the flipped image and ``W = c d + T(m)``: the compact deviations
+    ``(C H W, F, L)`` times their scales ``c`` (``scale``, ``(C H W + 1, 1, L)``)
+    plus the shared kernels' windows (:func:`_window_view`), built in one pass.
+    Autograd through these steps would copy the weight gradient for each slice
+    of the parameter and each in-place add into a view; here the weight
+    gradient is one GEMM into a new tensor (the bias row through a column of
+    ones), reduced to ``m``'s gradient by :func:`_window_adjoint` and scaled in
+    place into ``deviation``'s. Blocks over ``_SAVED_BLOCK_BYTES`` are built by
+    chunks of output channels and rebuilt in the backward.
     """
 
     @staticmethod
@@ -299,7 +300,7 @@ class _CoveringDense(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             if saved.numel():
                 grad_x = g.mm(saved.view(chw, -1).T)
-            else:  # rebuilt chunk by chunk as in the forward, in one buffer (fresh ones would page-fault)
+            else:  # rebuilt by chunks (as in the forward, up to rounding) in one buffer: fresh ones page-fault
                 fc = _CoveringDense._chunk(deviation, geometry)
                 d, S = deviation[:chw].view(C, H, W, Fo, Lh, Lw), scale[:chw].view(C, H, W, 1, Lh, Lw)
                 T = _window_view(m[:, :-1], geometry)
