@@ -553,7 +553,9 @@ class SoftConv2d(nn.Module):
         image, whose storage has none); use :meth:`masked_deviation` where
         they must not count.
         """
-        return self._from_storage(self.deviation) * self.deviation_scale
+        if self._compact:  # scaled in the storage, a quarter of (L, F, K)
+            return self._from_storage(self.deviation * self._stored_scale())
+        return self.deviation * self.deviation_scale
 
     @torch.no_grad()
     def set_deviations(self, d: torch.Tensor, *, consume: bool = False) -> None:
@@ -586,7 +588,9 @@ class SoftConv2d(nn.Module):
     def deviation_gradient(self) -> torch.Tensor | None:
         """``∂J/∂d_p`` of shape ``(L, F, K)`` from the raw parameter's ``.grad`` (zero at absent offsets)."""
         grad = self.deviation.grad
-        return None if grad is None else self._from_storage(grad) / self.deviation_scale
+        if grad is None:
+            return None
+        return self._from_storage(grad / (self._stored_scale() if self._compact else self.deviation_scale))
 
     def _from_storage(self, t: torch.Tensor) -> torch.Tensor:
         """A tensor in the layout of ``deviation`` as ``(L, F, K)``, zero at offsets not stored."""
@@ -594,7 +598,7 @@ class SoftConv2d(nn.Module):
             return t
         L, K = self.mask.shape
         index = self._compact_index.T.unsqueeze(1).expand(L, t.shape[1], -1)
-        return t.new_zeros(L, t.shape[1], K).scatter(2, index, t.permute(2, 1, 0))
+        return t.new_zeros(L, t.shape[1], K).scatter(2, index, t.permute(2, 1, 0))  # scatter_: no vmap rule
 
     def _stored_scale(self) -> torch.Tensor:
         """``deviation_scale`` at each stored deviation, ``(C H W + 1, 1, L)`` (compact storage).
@@ -619,7 +623,8 @@ class SoftConv2d(nn.Module):
 
     def masked_deviation(self) -> torch.Tensor:
         """Deviations ``d_p`` restricted to existing offsets, ``(L, F, K)``."""
-        return self.deviations() * self.mask.unsqueeze(1)
+        d = self.deviations()
+        return d if self._compact else d * self.mask.unsqueeze(1)  # compact: absent offsets read 0
 
     def mean_kernel(self) -> torch.Tensor:
         """Mean of the effective kernels over the positions where each offset exists, ``(F, K)``."""

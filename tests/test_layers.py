@@ -319,9 +319,19 @@ def test_full_support_gradients_under_vmap_over_stacked_models(frozen, chunked, 
     scales = torch.rand(2, *layer.deviation_scale.shape, dtype=torch.float64, generator=g) + 0.5
     x = torch.randn(2, 4, 2, 6, 5, dtype=torch.float64, generator=g)
 
+    class Objective(nn.Module):  # a loss and a penalty on the (L, F, K) view, as a fit's objective
+        def __init__(self):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, xb):
+            return self.layer(xb).sin().sum() + self.layer.masked_deviation().pow(3).sum()
+
+    objective = Objective()
+
     def loss(params, scale, xb, dev):
         state = {**params, "deviation_scale": scale, "deviation": dev}
-        return functional_call(layer, state, (xb,)).sin().sum()
+        return functional_call(objective, {"layer." + k: v for k, v in state.items()}, (xb,))
 
     x.requires_grad_(chunked)  # the input's gradient is what rebuilds the block
     if chunked:
