@@ -217,8 +217,8 @@ def _window_view(v: torch.Tensor, geometry: tuple) -> torch.Tensor:
 def _window_adjoint(g: torch.Tensor, geometry: tuple) -> torch.Tensor:
     """The adjoint of :func:`_window_view`: ``(C H W, B, L)`` summed onto the offsets, ``(B, C Sh Sw)``.
 
-    Slice additions over the rows, then the columns of positions: several
-    times faster than autograd through ``unfold``.
+    Slice additions over the rows, then the columns of positions: 2-3x
+    faster than autograd through ``unfold`` at 28x28.
     """
     C, H, W, Lh, Lw, sh, sw = geometry
     Sh, Sw = H + (Lh - 1) * sh, W + (Lw - 1) * sw
