@@ -9,12 +9,13 @@ CNN, and the tying penalties fall on ``d``.
 All penalties see a layer through one view: per-unit *kernel vectors* of
 length ``K = C * Sh * Sw + 1`` (the last entry is the bias) with a boolean
 existence mask of shape ``(L, K)``: an offset that falls outside the image at
-a position does not exist there.
+a position does not exist there. How the deviations are stored is the layer's
+business (with ``support='full'`` only the existing offsets are, about a
+quarter of ``K``); everything else reads and writes them in that view.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from fractions import Fraction
@@ -199,6 +200,137 @@ def _divisors(m: int) -> list[int]:
     return [d for d in range(1, m + 1) if m % d == 0]
 
 
+def _window_view(v: torch.Tensor, geometry: tuple) -> torch.Tensor:
+    """Per-offset values ``v`` ``(B, C Sh Sw)`` at each stored deviation: a view ``(C, H, W, B, Lh, Lw)``.
+
+    For a support covering the image, the offset that reaches row
+    ``(c, h, w)`` of the compact storage (pixel ``(c, H-1-h, W-1-w)``) from
+    position ``(i, j)`` is ``(i sh + h, j sw + w)`` in the flipped support:
+    each position reads a window of the flipped kernel (a Toeplitz matrix).
+    """
+    C, H, W, Lh, Lw, sh, sw = geometry
+    Sh, Sw = H + (Lh - 1) * sh, W + (Lw - 1) * sw
+    win = v.reshape(-1, C, Sh, Sw).flip(2, 3).unfold(2, H, sh).unfold(3, W, sw)  # (B, C, Lh, Lw, H, W)
+    return win.permute(1, 4, 5, 0, 2, 3)
+
+
+def _window_adjoint(g: torch.Tensor, geometry: tuple) -> torch.Tensor:
+    """The adjoint of :func:`_window_view`: ``(C H W, B, L)`` summed onto the offsets, ``(B, C Sh Sw)``.
+
+    Slice additions over the rows, then the columns of positions: 2-3x
+    faster than autograd through ``unfold`` at 28x28.
+    """
+    C, H, W, Lh, Lw, sh, sw = geometry
+    Sh, Sw = H + (Lh - 1) * sh, W + (Lw - 1) * sw
+    B = g.shape[1]
+    g = g.reshape(C, H, W, B, Lh, Lw)
+    rows = g.new_zeros(C, Sh, W, B, Lw)
+    for i in range(Lh):
+        rows[:, i * sh : i * sh + H].add_(g[:, :, :, :, i])
+    acc = g.new_zeros(C, Sh, Sw, B)
+    for j in range(Lw):
+        acc[:, :, j * sw : j * sw + W].add_(rows[..., j])
+    return acc.permute(3, 0, 1, 2).flip(2, 3).reshape(B, -1)
+
+
+#: :class:`_CoveringDense` keeps a weight block up to this size for the backward. A larger one is
+#: built and multiplied in chunks of output channels of about ``_CHUNK_BYTES`` (in the cache), and
+#: rebuilt chunk by chunk in the backward: allocators map a block that large anew at every call
+#: (glibc above 32 MiB), and its page faults cost more than rebuilding it (see benchmarks/README.md).
+_SAVED_BLOCK_BYTES = 32 << 20
+_CHUNK_BYTES = 4 << 20
+
+
+class _CoveringDense(torch.autograd.Function):
+    """A layer whose support covers the image as one GEMM ``x~ W + b``, with its own backward.
+
+    ``x~`` is the flipped image and ``W = c d + T(m)``: the compact deviations
+    ``(C H W, F, L)`` times their scales ``c`` (``scale``, ``(C H W + 1, 1, L)``)
+    plus the shared kernels' windows (:func:`_window_view`), built in one pass.
+    Autograd through these steps would copy the weight gradient for each slice
+    of the parameter and each in-place add into a view; here the weight
+    gradient is one GEMM into a new tensor (the bias row through a column of
+    ones), reduced to ``m``'s gradient by :func:`_window_adjoint` and scaled in
+    place into ``deviation``'s. Blocks over ``_SAVED_BLOCK_BYTES`` are built by
+    chunks of output channels and rebuilt in the backward.
+    """
+
+    @staticmethod
+    def _chunk(deviation, geometry) -> int:
+        """Output channels per chunk of the weight block (all of them: the block is kept)."""
+        C, H, W, Lh, Lw, _, _ = geometry
+        per_channel = C * H * W * Lh * Lw * deviation.element_size()
+        Fo = deviation.shape[1]
+        return Fo if Fo * per_channel <= _SAVED_BLOCK_BYTES else max(1, _CHUNK_BYTES // per_channel)
+
+    @staticmethod
+    def forward(x, deviation, m, scale, geometry):
+        C, H, W, Lh, Lw, _, _ = geometry
+        chw, n, Fo, L = C * H * W, x.shape[0], m.shape[0], Lh * Lw
+        fc = _CoveringDense._chunk(deviation, geometry)
+        d = deviation[:chw].view(C, H, W, Fo, Lh, Lw)
+        T, S = _window_view(m[:, :-1], geometry), scale[:chw].view(C, H, W, 1, Lh, Lw)
+        bias = torch.addcmul(m[:, -1:], deviation[chw], scale[chw]).view(-1)  # (F L,)
+        xf = x.flip(2, 3).reshape(n, chw)
+        out = x.new_empty(n, Fo * L)
+        work = deviation.new_empty(chw * fc * L)
+        for f0 in range(0, Fo, fc):
+            f1 = min(f0 + fc, Fo)
+            block = work[: chw * (f1 - f0) * L].view(C, H, W, f1 - f0, Lh, Lw)
+            torch.addcmul(T[:, :, :, f0:f1], d[:, :, :, f0:f1], S, out=block)
+            torch.addmm(bias[f0 * L : f1 * L], xf, block.view(chw, -1), out=out[:, f0 * L : f1 * L])
+        return out.view(n, Fo, Lh, Lw), work if fc == Fo else work[:0]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, deviation, m, scale, geometry = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)  # the block gets no gradient: no full-size zeros for it
+        ctx.save_for_backward(x, deviation, m, scale, output[1])
+        ctx.geometry = geometry
+
+    @staticmethod
+    def backward(ctx, grad_out, _):
+        # Runs under torch.func.vmap in stacked fits: batchable ops only, in place only on own tensors.
+        x, deviation, m, scale, saved = ctx.saved_tensors
+        C, H, W, Lh, Lw, _, _ = geometry = ctx.geometry
+        chw, n, Fo, L = C * H * W, x.shape[0], m.shape[0], Lh * Lw
+        g = grad_out.reshape(n, -1)
+        grad_x = grad_d = grad_m = None
+        if ctx.needs_input_grad[0]:
+            if saved.numel():
+                grad_x = g.mm(saved.view(chw, -1).T)
+            else:  # rebuilt by chunks (as in the forward, up to rounding) in one buffer: fresh ones page-fault
+                fc = _CoveringDense._chunk(deviation, geometry)
+                d, S = deviation[:chw].view(C, H, W, Fo, Lh, Lw), scale[:chw].view(C, H, W, 1, Lh, Lw)
+                T = _window_view(m[:, :-1], geometry)
+                work = g.new_empty(chw * fc * L)  # batched like g under vmap: in-place writes are allowed
+                for f0 in range(0, Fo, fc):
+                    f1 = min(f0 + fc, Fo)
+                    block = work[: chw * (f1 - f0) * L].view(C, H, W, f1 - f0, Lh, Lw)
+                    block.copy_(d[:, :, :, f0:f1]).mul_(S).add_(T[:, :, :, f0:f1])  # ops vmap batches
+                    part, block = g[:, f0 * L : f1 * L], block.view(chw, -1)
+                    grad_x = part.mm(block.T) if grad_x is None else torch.addmm(grad_x, part, block.T)
+            grad_x = grad_x.view_as(x).flip(2, 3)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            cols = torch.cat([x.flip(2, 3).reshape(n, chw), x.new_ones(n, 1)], dim=1)
+            grad_w = cols.T.mm(g).view(chw + 1, -1, L)  # (C H W + 1, F, L), the bias row last
+            if ctx.needs_input_grad[2]:
+                grad_m = torch.cat([_window_adjoint(grad_w[:chw], geometry),
+                                    grad_w[chw].sum(-1).unsqueeze(-1)], dim=1)
+            if ctx.needs_input_grad[1]:
+                grad_d = grad_w.mul_(scale)
+        return grad_x, grad_d, grad_m, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, deviation, m, scale, geometry):
+        # one model at a time: the forward writes into its own buffers (out=), which vmap cannot batch
+        args = [a.movedim(d, 0) if d is not None else a.expand(info.batch_size, *a.shape)
+                for a, d in zip((x, deviation, m, scale), in_dims)]
+        outs = [_CoveringDense.apply(*(a[b] for a in args), geometry) for b in range(info.batch_size)]
+        return tuple(torch.stack(o) for o in zip(*outs)), (0, 0)
+
+
 class SoftConv2d(nn.Module):
     r"""Locally connected 2-D layer whose units may share, or not, their kernels.
 
@@ -228,7 +360,9 @@ class SoftConv2d(nn.Module):
         are one batched matmul. ``'unfold'``: one position per tile (a batched
         matmul over unfolded ``Sh x Sw`` patches); ``'dense'``: one tile of
         every position (one GEMM with a dense ``(L F, C H W)`` weight, the
-        right choice when the support covers the image); ``'tiled'`` and
+        right choice when the support covers the image: the weight is then
+        the stored deviations plus the shared kernels' windows, with a
+        backward of its own, see ``deviation``); ``'tiled'`` and
         ``'auto'``: the tile shape chosen by :func:`choose_tile` (the
         fewest multiply-adds, weighted by a model of the matmul's speed
         fitted in ``benchmarks/bench_layer.py --sweep``; ``'dense'`` for
@@ -243,9 +377,16 @@ class SoftConv2d(nn.Module):
     ----------
     shared : Parameter of shape (F, K)
         Shared kernels ``m`` (bias last).
-    deviation : Parameter of shape (L, F, K)
-        Per-position deviations ``d_p``; initialised at zero, so the layer
-        starts as a CNN.
+    deviation : Parameter of shape (L, F, K), or (C H W + 1, F, L) for a support covering the image
+        Per-position deviations ``d_p`` (raw values, times ``deviation_scale``);
+        initialised at zero, so the layer starts as a CNN. When every
+        position's support covers the image (``support='full'``) only the
+        ``C H W`` offsets that exist at a position are stored, in the order of
+        the pixels of the flipped image, then the bias: the storage is the
+        weight matrix of one GEMM. Read and write deviations through
+        :meth:`deviations`, :meth:`set_deviations`,
+        :meth:`as_deviation_storage` and :meth:`deviation_gradient`, which
+        use the ``(L, F, K)`` layout whatever the storage.
     mask : Tensor of shape (L, K)
         ``True`` where the offset exists at the position.
     formulation : {'tiled', 'unfold', 'dense'}
@@ -286,9 +427,13 @@ class SoftConv2d(nn.Module):
                 f"formulation must be 'auto', 'tiled', 'unfold' or 'dense', got {formulation!r}."
             )
 
+        # A support covering the image from every position: the offsets existing at a position
+        # are in bijection with the pixels, so only those are stored (see `deviation`).
+        self._compact = all(g.extent == g.size + (g.n_out - 1) * g.stride for g in (self.gh, self.gw))
         factory = {"dtype": dtype, "device": device}
         self.shared = nn.Parameter(torch.zeros(out_channels, K, **factory))
-        self.deviation = nn.Parameter(torch.zeros(L, out_channels, K, **factory))
+        shape = (in_channels * H * W + 1, out_channels, L) if self._compact else (L, out_channels, K)
+        self.deviation = nn.Parameter(torch.zeros(shape, **factory))
         # m = shared_scale * shared, d_p = deviation_scale * deviation: a diagonal
         # preconditioner (see set_scales); the model itself does not depend on it.
         self.register_buffer("shared_scale", torch.ones(K, **factory))
@@ -300,6 +445,12 @@ class SoftConv2d(nn.Module):
         self.register_buffer("mask", torch.as_tensor(mask, device=device), persistent=False)
         win = np.outer(self.gh.in_window(), self.gw.in_window()).ravel()
         self.register_buffer("window", torch.as_tensor(win, device=device), persistent=False)
+        self._geometry = (in_channels, H, W, *self.output_shape, self.gh.stride, self.gw.stride)
+        index = None
+        if self._compact:  # the kernel entry of each stored deviation, (C H W + 1, L), the bias last
+            index = torch.cat([_window_view(torch.arange(K - 1, device=device), self._geometry).reshape(-1, L),
+                               torch.full((1, L), K - 1, device=device)])
+        self.register_buffer("_compact_index", index, persistent=False)
         self._build_tiles(formulation, device)
         self.reset_parameters(generator)
 
@@ -323,7 +474,9 @@ class SoftConv2d(nn.Module):
         ``_tile_index`` ``(Th, Tw, th, tw, 1, P + 1)``: for each output position
         of each tile (grouped by tile) and each entry of the tile's patch
         (``P = C ph pw``), then its bias, the kernel entry in ``0..K-1`` that
-        multiplies it (0 where none does); ``_tile_valid``: where one does.
+        multiplies it (0 where none does); ``_tile_valid``: where one does;
+        ``_tile_rows`` (compact storage): the row of ``deviation`` holding
+        that weight (``C H W + 1`` where none does).
         """
         if tile_shape is None:
             tile_shape = choose_tile(self.gh, self.gw, self.in_channels, self.out_channels, formulation)
@@ -331,23 +484,22 @@ class SoftConv2d(nn.Module):
         if self.gh.n_out % th or self.gw.n_out % tw:
             raise ValueError(f"tile_shape {tile_shape} must divide the output shape {self.output_shape}.")
         ah, aw = _axis_tiles(self.gh, th), _axis_tiles(self.gw, tw)
-        # One tile and the full support: the shared part of the block is a Toeplitz matrix, the
-        # windows of the flipped kernel (see _tile_weights); patches then hold the image flipped.
-        self._toeplitz = all(a.n_tiles == 1 and g.extent == g.size + (g.n_out - 1) * g.stride
-                             for a, g in ((ah, self.gh), (aw, self.gw)))
-        if self._toeplitz:
-            ah, aw = (dataclasses.replace(a, offset=a.offset[..., ::-1], valid=a.valid[..., ::-1]) for a in (ah, aw))
-        Sh, Sw = self.support_shape
-        C = self.in_channels
-        K = C * Sh * Sw + 1
-        # (Th, Tw, th, tw, ph, pw): offset index in the Sh x Sw support, and whether it exists
-        off = ah.offset[:, None, :, None, :, None] * Sw + aw.offset[None, :, None, :, None, :]
-        ok = ah.valid[:, None, :, None, :, None] & aw.valid[None, :, None, :, None, :]
-        off = off[..., None, :, :] + (np.arange(C) * Sh * Sw)[:, None, None]  # channel-major like K
-        ok = np.broadcast_to(ok[..., None, :, :], off.shape)
-        head = off.shape[:4]
-        off = np.concatenate([off.reshape(*head, 1, -1), np.full((*head, 1, 1), K - 1)], axis=-1)
-        ok = np.concatenate([ok.reshape(*head, 1, -1), np.ones((*head, 1, 1), dtype=bool)], axis=-1)
+        # One tile and compact storage: the whole layer is one GEMM (_CoveringDense), no index maps.
+        self._one_gemm = self._compact and ah.n_tiles == aw.n_tiles == 1
+        (H, W), (Sh, Sw), C = self.input_shape, self.support_shape, self.in_channels
+
+        def per_entry(rows, cols, row_stride, channel_stride):
+            """Per-axis indices ``(Th, th, ph)``, ``(Tw, tw, pw)`` combined channel-major, then the bias."""
+            idx = rows[:, None, :, None, :, None] * row_stride + cols[None, :, None, :, None, :]
+            idx = idx[..., None, :, :] + (np.arange(C) * channel_stride)[:, None, None]
+            head = idx.shape[:4]
+            return np.concatenate([idx.reshape(*head, 1, -1), np.full((*head, 1, 1), C * channel_stride)], axis=-1)
+
+        off = per_entry(ah.offset, aw.offset, Sw, Sh * Sw)
+        ok = ah.valid[:, None, :, None, :, None] & aw.valid[None, :, None, :, None, :]  # in support and image
+        head = ok.shape[:4]
+        ok = np.broadcast_to(ok[..., None, :, :], (*head, C, *ok.shape[4:])).reshape(*head, 1, -1)
+        ok = np.concatenate([ok, np.ones((*head, 1, 1), dtype=bool)], axis=-1)
         self.tile_shape = (th, tw)
         self._tiles = (ah, aw)
         if (th, tw) == (1, 1):
@@ -357,12 +509,18 @@ class SoftConv2d(nn.Module):
         else:
             self.formulation = "tiled"
         self.register_buffer("_tile_index", torch.as_tensor(np.where(ok, off, 0), device=device), persistent=False)
-        self.register_buffer("_tile_valid", torch.as_tensor(ok.copy(), device=device), persistent=False)
+        self.register_buffer("_tile_valid", torch.as_tensor(ok, device=device), persistent=False)
+        rows = None
+        if self._compact:  # pixel (c, y, x) is row (c, H-1-y, W-1-x) of the storage
+            ry = H - 1 - (self.gh.anchors().reshape(ah.n_tiles, th)[..., None] + self.gh.lo + ah.offset)
+            rx = W - 1 - (self.gw.anchors().reshape(aw.n_tiles, tw)[..., None] + self.gw.lo + aw.offset)
+            rows = torch.as_tensor(np.where(ok, per_entry(ry, rx, W, H * W), C * H * W + 1), device=device)
+        self.register_buffer("_tile_rows", rows, persistent=False)
 
     # ----------------------------------------------------------------- views
     @property
     def n_positions(self) -> int:
-        return self.deviation.shape[0]
+        return self.gh.n_out * self.gw.n_out
 
     @property
     def support_shape(self) -> tuple[int, int]:
@@ -380,7 +538,7 @@ class SoftConv2d(nn.Module):
         """
         with torch.no_grad():
             self.shared.mul_(self.shared_scale / shared_scale)
-            self.deviation.mul_(self.deviation_scale / deviation_scale)
+            self.deviation.mul_(self.as_deviation_storage(self.deviation_scale / deviation_scale))
             self.shared_scale.copy_(shared_scale)
             self.deviation_scale.copy_(deviation_scale)
 
@@ -389,8 +547,75 @@ class SoftConv2d(nn.Module):
         return self.shared * self.shared_scale
 
     def deviations(self) -> torch.Tensor:
-        """Deviations ``d_p`` of shape ``(L, F, K)`` (all offsets)."""
+        """Deviations ``d_p`` of shape ``(L, F, K)`` (differentiable).
+
+        Absent offsets hold arbitrary values (zero for a support covering the
+        image, whose storage has none); use :meth:`masked_deviation` where
+        they must not count.
+        """
+        if self._compact:  # scaled in the storage, a quarter of (L, F, K)
+            return self._from_storage(self.deviation * self._stored_scale())
         return self.deviation * self.deviation_scale
+
+    @torch.no_grad()
+    def set_deviations(self, d: torch.Tensor, *, consume: bool = False) -> None:
+        """Store deviations ``d`` ``(L, F, K)`` at the existing offsets; absent offsets keep their values.
+
+        With ``consume=True`` the caller's ``d`` may be overwritten (it saves
+        a full-size temporary). The write is exact for finite values.
+        """
+        d = d.div_(self.deviation_scale) if consume else d / self.deviation_scale
+        if self._compact:
+            self.deviation.copy_(self.as_deviation_storage(d))
+            return
+        # a 0/1 selection, in place: faster than boolean indexing or full-size temporaries
+        exists = self.mask.unsqueeze(1).to(d.dtype)
+        self.deviation.mul_(1 - exists).add_(d.mul_(exists))
+
+    def as_deviation_storage(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` broadcastable to ``(L, F, K)``, in the layout of the ``deviation`` parameter.
+
+        Its existing offsets, broadcastable to ``deviation``: for multiplying
+        the parameter or its gradient by per-entry factors whatever the storage.
+        """
+        if not self._compact:
+            return values
+        v = values.reshape((1,) * (3 - values.dim()) + tuple(values.shape))
+        v = v.expand(self.n_positions, v.shape[1], v.shape[2]).permute(2, 1, 0)  # (K, F or 1, L)
+        index = self._compact_index.unsqueeze(1).expand(-1, v.shape[1], -1)
+        return v.gather(0, index)
+
+    def deviation_gradient(self) -> torch.Tensor | None:
+        """``∂J/∂d_p`` of shape ``(L, F, K)`` from the raw parameter's ``.grad`` (zero at absent offsets)."""
+        grad = self.deviation.grad
+        if grad is None:
+            return None
+        return self._from_storage(grad / (self._stored_scale() if self._compact else self.deviation_scale))
+
+    def _from_storage(self, t: torch.Tensor) -> torch.Tensor:
+        """A tensor in the layout of ``deviation`` as ``(L, F, K)``, zero at offsets not stored."""
+        if not self._compact:
+            return t
+        L, K = self.mask.shape
+        index = self._compact_index.T.unsqueeze(1).expand(L, t.shape[1], -1)
+        return t.new_zeros(L, t.shape[1], K).scatter(2, index, t.permute(2, 1, 0))  # scatter_: no vmap rule
+
+    def _stored_scale(self) -> torch.Tensor:
+        """``deviation_scale`` at each stored deviation, ``(C H W + 1, 1, L)`` (compact storage).
+
+        ``as_deviation_storage(deviation_scale)`` through views (several times
+        faster than the gather), from the buffer at each call: never stale.
+        """
+        scale, L = self.deviation_scale, self.n_positions
+        return torch.cat([_window_view(scale[:-1], self._geometry).reshape(-1, 1, L), scale[-1:].expand(1, 1, L)])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # state dicts saved before the compact storage hold (L, F, K) 'full' deviations
+        key = prefix + "deviation"
+        saved = state_dict.get(key)
+        if self._compact and saved is not None and saved.shape == (self.n_positions, *self.shared.shape):
+            state_dict[key] = self.as_deviation_storage(saved.to(self.mask.device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def kernels(self) -> torch.Tensor:
         """Effective kernel vectors ``m + d_p`` of shape ``(L, F, K)``, zero where absent."""
@@ -398,7 +623,8 @@ class SoftConv2d(nn.Module):
 
     def masked_deviation(self) -> torch.Tensor:
         """Deviations ``d_p`` restricted to existing offsets, ``(L, F, K)``."""
-        return self.deviations() * self.mask.unsqueeze(1)
+        d = self.deviations()
+        return d if self._compact else d * self.mask.unsqueeze(1)  # compact: absent offsets read 0
 
     def mean_kernel(self) -> torch.Tensor:
         """Mean of the effective kernels over the positions where each offset exists, ``(F, K)``."""
@@ -434,7 +660,7 @@ class SoftConv2d(nn.Module):
         dead = ~(w != 0).any(0)  # (F, K)
         if dead.any():
             self.shared.masked_fill_(dead, 0.0)
-            self.deviation.masked_fill_(dead.unsqueeze(0), 0.0)
+            self.deviation.masked_fill_(self.as_deviation_storage(dead), 0.0)
 
     @torch.no_grad()
     def snap(self, threshold: float) -> int:
@@ -456,7 +682,7 @@ class SoftConv2d(nn.Module):
         small_w = ex & (w != 0) & (w.abs() < threshold)
         small_w[..., -1] = False
         d = torch.where(small_w, -m.expand_as(d), d)
-        self.deviation.copy_(d / self.deviation_scale)
+        self.set_deviations(d, consume=True)
         self.canonicalize()
         return int(small_d.sum() + small_w.sum())
 
@@ -467,6 +693,10 @@ class SoftConv2d(nn.Module):
 
     # --------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._one_gemm:
+            out, _ = _CoveringDense.apply(x, self.deviation, self.shared_kernel(), self._stored_scale(),
+                                          self._geometry)
+            return out
         n = x.shape[0]
         ah, aw = self._tiles
         Th, Tw, th, tw = ah.n_tiles, aw.n_tiles, ah.length, aw.length
@@ -496,26 +726,21 @@ class SoftConv2d(nn.Module):
         """
         ah, aw = self._tiles
         Th, Tw, th, tw = ah.n_tiles, aw.n_tiles, ah.length, aw.length
-        _, Fo, K = self.deviation.shape
-        index, valid = self._tile_index, self._tile_valid
-        E = index.shape[-1]
-        dev = self.deviation.view(Th, th, Tw, tw, Fo, K).permute(0, 2, 1, 3, 4, 5)
-        d = dev.gather(5, index.expand(Th, Tw, th, tw, Fo, E))
-        lookup = torch.where(valid, index, K)  # K: a zero appended to the kernels
-        scale = F.pad(self.deviation_scale, (0, 1))[lookup]
-        block = d.mul_(scale)  # in place: the gather does not need its output for the backward
-        m = self.shared_kernel()
-        if self._toeplitz:
-            # position (i, j) reads the kernel window starting at offset ((Lh-1-i) s, (Lw-1-j) s):
-            # the windows of the flipped kernel, pixels in reverse order (as the patches)
-            (H, W), (Sh, Sw), C = self.input_shape, self.support_shape, self.in_channels
-            windows = m[:, :-1].reshape(Fo, C, Sh, Sw).flip(2, 3).unfold(2, H, self.gh.stride)
-            windows = windows.unfold(3, W, self.gw.stride)  # (F, C, Lh, Lw, H, W)
-            block[..., :-1].view(th, tw, Fo, C, H, W).add_(windows.permute(2, 3, 0, 1, 4, 5))
-            block[..., -1].add_(m[:, -1])
+        Fo, K = self.out_channels, self.mask.shape[1]
+        valid = self._tile_valid
+        E = valid.shape[-1]
+        lookup = torch.where(valid, self._tile_index, K)  # K: a zero appended to the kernels
+        if self._compact:  # scaled first (the storage is the size of the weights), then a zero row
+            d = F.pad(self.deviation * self._stored_scale(), (0, 0, 0, 0, 0, 1)).permute(2, 1, 0)
+            index = self._tile_rows
         else:
-            shared = F.pad(m, (0, 1)).T[lookup.view(Th, Tw, th, tw, E)]  # (..., E, F)
-            block.add_(shared.transpose(-1, -2))
+            d, index = self.deviation, self._tile_index
+        dev = d.reshape(Th, th, Tw, tw, Fo, -1).permute(0, 2, 1, 3, 4, 5)
+        block = dev.gather(5, index.expand(Th, Tw, th, tw, Fo, E))
+        if not self._compact:  # in place: the gather does not need its output for the backward
+            block.mul_(F.pad(self.deviation_scale, (0, 1))[lookup])
+        shared = F.pad(self.shared_kernel(), (0, 1)).T[lookup.view(Th, Tw, th, tw, E)]  # (..., E, F)
+        block.add_(shared.transpose(-1, -2))
         return block.view(Th * Tw, th * tw * Fo, E)
 
     def _patches(self, x: torch.Tensor) -> torch.Tensor:
@@ -524,8 +749,6 @@ class SoftConv2d(nn.Module):
         pads = (aw.pad_before, aw.pad_after, ah.pad_before, ah.pad_after)
         if any(pads):
             x = F.pad(x, pads)  # negative values crop: rows no tile reads
-        if self._toeplitz:
-            x = x.flip(2, 3)
         n = x.shape[0]
         T = ah.n_tiles * aw.n_tiles
         if T == 1:

@@ -119,8 +119,7 @@ def _gradients(est, data) -> list[torch.Tensor]:
     obj().backward()
     out = []
     for layer in net.soft_layers:
-        g = layer.deviation.grad / layer.deviation_scale  # chain rule: d = raw * c_d
-        out.append((g * layer.mask.unsqueeze(1)).detach())
+        out.append((layer.deviation_gradient() * layer.mask.unsqueeze(1)).detach())
     for p in net.parameters():
         p.grad = None
     return out
@@ -445,12 +444,13 @@ def locality_max(estimator, X, y, sample_weight=None) -> float:
         for layer in net.soft_layers:
             g = _locality_weights(estimator, layer)
             keep = (g == 0).to(layer.shared.dtype)
+            keep_d = layer.as_deviation_storage(keep)
             weights[id(layer)] = g
             with torch.no_grad():
                 layer.shared.mul_(keep)
-                layer.deviation.mul_(keep)
+                layer.deviation.mul_(keep_d)
             hooks.append(layer.shared.register_hook(lambda grad, k=keep: grad * k))
-            hooks.append(layer.deviation.register_hook(lambda grad, k=keep: grad * k))
+            hooks.append(layer.deviation.register_hook(lambda grad, k=keep_d: grad * k))
         return hooks
 
     est = _reference_fit(estimator, X, y, sample_weight, {"locality": 0.0}, constrain,

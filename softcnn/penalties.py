@@ -172,7 +172,7 @@ class Penalty(ABC):
 def _grid_differences(layer: SoftConv2d):
     """Deviation differences between 4-neighbour positions and the 0/1 masks of offsets existing at both."""
     Lh, Lw = layer.output_shape
-    d = layer.deviations().reshape(Lh, Lw, *layer.deviation.shape[1:])  # (Lh, Lw, F, K)
+    d = layer.deviations().reshape(Lh, Lw, layer.out_channels, -1)  # (Lh, Lw, F, K)
     m = layer.mask.reshape(Lh, Lw, 1, -1).to(d.dtype)  # 0/1: multiplying beats boolean ops
     return [
         (d[1:] - d[:-1], m[1:] * m[:-1]),
@@ -230,9 +230,7 @@ def _write_deviations(layer: SoftConv2d, d_new: torch.Tensor) -> None:
     as full-size temporaries and boolean selections cost more than the arithmetic. The
     selection ``d * (1 - e) + d_new * e`` with ``e`` in {0, 1} is exact for finite values.
     """
-    exists = _exists(layer, d_new.dtype)
-    d_new.div_(layer.deviation_scale).mul_(exists)
-    layer.deviation.mul_(1 - exists).add_(d_new)
+    layer.set_deviations(d_new, consume=True)
 
 
 def _exists(layer: SoftConv2d, dtype: torch.dtype) -> torch.Tensor:
@@ -263,7 +261,7 @@ def _write_tied(layer: SoftConv2d, w_new: torch.Tensor, m_new: torch.Tensor) -> 
 
 def _raw_kernels(layer: SoftConv2d) -> torch.Tensor:
     """``m + d_p`` without the existence mask (the values a prox on ``w`` starts from); a new tensor."""
-    return torch.addcmul(layer.shared_kernel(), layer.deviation, layer.deviation_scale)
+    return layer.deviations().add_(layer.shared_kernel())
 
 
 @torch.no_grad()
@@ -282,7 +280,7 @@ def _recentre(layer: SoftConv2d) -> None:
     layer.shared.copy_(med / layer.shared_scale)
     m = layer.shared_kernel()  # exactly what the layer will use
     d = torch.where(mask, w - m, torch.zeros_like(w))
-    layer.deviation.copy_(d / layer.deviation_scale)
+    layer.set_deviations(d, consume=True)
 
 
 class _NonSmooth(Penalty):

@@ -1,6 +1,7 @@
 """SoftConv2d against a brute-force loop, and against nn.Conv2d at the CNN limit."""
 
 import itertools
+import warnings
 
 import numpy as np
 import pytest
@@ -173,7 +174,7 @@ def reference_dense(layer: SoftConv2d, x: torch.Tensor) -> torch.Tensor:
     """The original 'dense' formulation: ``kernels()`` gathered into a dense (L F, C H W) weight, one GEMM."""
     n, C = x.shape[:2]
     gh, gw = layer.gh, layer.gw
-    L, Fo, _ = layer.deviation.shape
+    L, Fo = layer.n_positions, layer.out_channels
     Sh, Sw = layer.support_shape
     oh = np.arange(gh.size)[None, :] - gh.anchors()[:, None] - gh.lo
     ow = np.arange(gw.size)[None, :] - gw.anchors()[:, None] - gw.lo
@@ -219,7 +220,9 @@ def test_every_tile_shape_matches_the_original_formulations(geometry):
         for a, b in zip(got, expected):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
         # absent offsets get no gradient, as with kernels()
-        assert torch.all(got[3][~layer.mask.unsqueeze(1).expand_as(layer.deviation)] == 0)
+        layer.deviation.grad = got[3]
+        grad = layer.deviation_gradient()
+        assert torch.all(grad[~layer.mask.unsqueeze(1).expand_as(grad)] == 0)
 
 
 def test_formulation_names_are_kept():
@@ -254,8 +257,9 @@ def test_auto_tile_rule():
     assert tile_macs(full, full, 1, 8, (28, 28)) == 28 * 28 * 8 * 28 * 28
 
 
-def test_tiles_do_not_build_the_kernels_tensor():
-    """The weight blocks are read from m and d directly: no (L, F, K) intermediate in the forward."""
+def test_forward_and_backward_do_not_build_the_kernels_tensor():
+    """Support 'full' (K about 4 C H W): nothing larger than the dense weight (bias row included) in the
+    forward and backward, gradients included; no (L, F, K) tensor."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Sizes(TorchDispatchMode):
@@ -263,25 +267,27 @@ def test_tiles_do_not_build_the_kernels_tensor():
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            if (isinstance(out, torch.Tensor) and func is not torch.ops.aten.detach.default
-                    and out.untyped_storage().data_ptr() != layer.deviation.untyped_storage().data_ptr()):
-                Sizes.largest = max(Sizes.largest, out.numel())
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and func is not torch.ops.aten.detach.default:
+                    Sizes.largest = max(Sizes.largest, t.numel())
             return out
 
     layer = SoftConv2d(1, 4, 3, (12, 12), padding="same", support="full", dtype=torch.float64)
-    x = torch.randn(2, 1, 12, 12, dtype=torch.float64)
+    x = torch.randn(2, 1, 12, 12, dtype=torch.float64, requires_grad=True)
     with Sizes():
-        layer(x)
-    L, F, K = layer.deviation.shape
-    assert Sizes.largest <= L * F * (12 * 12 + 1) < L * F * K
+        layer(x).sum().backward()
+    L, F, K = layer.n_positions, layer.out_channels, layer.mask.shape[1]
+    assert layer.deviation.grad is not None and layer.shared.grad is not None and x.grad is not None
+    assert Sizes.largest == L * F * (12 * 12 + 1) < L * F * K
 
 
+@pytest.mark.parametrize("support", [5, "full"])
 @pytest.mark.parametrize("formulation", ["unfold", "tiled", "dense"])
-def test_forward_under_vmap_over_stacked_parameters(formulation):
+def test_forward_under_vmap_over_stacked_parameters(formulation, support):
     """torch.func.vmap over models (softcnn.batched stacks them this way) gives each model's output."""
     from torch.func import functional_call, vmap
 
-    layer = random_layer(2, 3, 8, 8, 3, 1, "same", 5, formulation)
+    layer = random_layer(2, 3, 8, 8, 3, 1, "same", support, formulation)
     g = torch.Generator().manual_seed(4)
     shared = torch.randn(2, *layer.shared.shape, dtype=torch.float64, generator=g)
     deviation = torch.randn(2, *layer.deviation.shape, dtype=torch.float64, generator=g)
@@ -290,3 +296,180 @@ def test_forward_under_vmap_over_stacked_parameters(formulation):
     for i in range(2):
         expected = functional_call(layer, {"shared": shared[i], "deviation": deviation[i]}, (x[i],))
         torch.testing.assert_close(out[i], expected, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("frozen", [False, True])
+def test_full_support_gradients_under_vmap_over_stacked_models(frozen, chunked, monkeypatch):
+    """vmap(grad_and_value) over stacked models (softcnn.batched on a GPU) gives each model's own J and
+    gradient with the compact 'full' storage, also with frozen deviations (the CNN limit) and with the
+    weight block rebuilt by chunks in the backward."""
+    from torch.func import functional_call, grad_and_value, vmap
+
+    from softcnn import layers
+
+    if chunked:  # chunks of 2 of the 3 channels
+        monkeypatch.setattr(layers, "_SAVED_BLOCK_BYTES", 0)
+        monkeypatch.setattr(layers, "_CHUNK_BYTES", 2 * 2 * 6 * 5 * 30 * 8)
+    layer = random_layer(2, 3, 6, 5, 3, 1, "same", "full", "auto")
+    assert layer.formulation == "dense"
+    g = torch.Generator().manual_seed(5)
+    params = {"shared": torch.randn(2, *layer.shared.shape, dtype=torch.float64, generator=g)}
+    deviation = torch.randn(2, *layer.deviation.shape, dtype=torch.float64, generator=g)
+    scales = torch.rand(2, *layer.deviation_scale.shape, dtype=torch.float64, generator=g) + 0.5
+    x = torch.randn(2, 4, 2, 6, 5, dtype=torch.float64, generator=g)
+
+    class Objective(nn.Module):  # a loss and a penalty on the (L, F, K) view, as a fit's objective
+        def __init__(self):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, xb):
+            return self.layer(xb).sin().sum() + self.layer.masked_deviation().pow(3).sum()
+
+    objective = Objective()
+
+    def loss(params, scale, xb, dev):
+        state = {**params, "deviation_scale": scale, "deviation": dev}
+        return functional_call(objective, {"layer." + k: v for k, v in state.items()}, (xb,))
+
+    x.requires_grad_(chunked)  # the input's gradient is what rebuilds the block
+    if chunked:
+        params["x"] = x
+        loss_ = loss
+        loss = lambda p, scale, xb, dev: loss_({k: v for k, v in p.items() if k != "x"}, scale, p["x"], dev)  # noqa: E731
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. vmap's slow fallback for an op without a batching rule
+        if frozen:  # the deviation is not a stacked parameter: one tensor for every model
+            got_grad, got_value = vmap(grad_and_value(loss), in_dims=(0, 0, 0, None))(
+                params, scales, x, deviation[0])
+            deviation = deviation[:1].expand(2, *deviation.shape[1:])
+        else:
+            params["deviation"] = deviation
+            got_grad, got_value = vmap(grad_and_value(lambda p, s, xb: loss(p, s, xb, p["deviation"])))(
+                params, scales, x)
+    for i in range(2):
+        p = {k: v[i].clone().requires_grad_() for k, v in params.items()}
+        value = loss(p, scales[i], x[i], p.get("deviation", deviation[i]))
+        grads = torch.autograd.grad(value, list(p.values()))
+        torch.testing.assert_close(got_value[i], value, rtol=0, atol=1e-10)
+        for name, grad in zip(p, grads):
+            torch.testing.assert_close(got_grad[name][i], grad, rtol=0, atol=1e-10)
+
+
+FULL_GEOMETRIES = [g for g in GEOMETRIES if g[-1] == "full"] + [
+    (1, 3, 7, 5, 3, 2, "same", "full"),  # stride 2, non-square
+    (3, 2, 5, 6, 2, 1, "valid", "full"),  # even kernel, three channels
+]
+
+
+@pytest.mark.parametrize("chunks", [None, 1, 2])
+@pytest.mark.parametrize("geometry", FULL_GEOMETRIES)
+def test_full_support_one_gemm_matches_the_kernel_view(geometry, chunks, monkeypatch):
+    """The compact 'full' storage run as one GEMM (weight block kept, or rebuilt by chunks of output
+    channels in the backward) gives the outputs and gradients of the (L, F, K) kernels() reference."""
+    from softcnn import layers
+
+    if chunks is not None:  # blocks of `chunks` channels (the last one shorter), rebuilt in the backward
+        C, F, H, W = geometry[:4]
+        monkeypatch.setattr(layers, "_SAVED_BLOCK_BYTES", 0)
+        monkeypatch.setattr(layers, "_CHUNK_BYTES", chunks * C * H * W * 8 * int(np.prod(
+            SoftConv2d(C, F, geometry[4], (H, W), stride=geometry[5], padding=geometry[6]).output_shape)))
+    C, F, H, W = geometry[:4]
+    layer = random_layer(*geometry, "auto")
+    assert layer.formulation == "dense" and layer.deviation.shape == (C * H * W + 1, F, layer.n_positions)
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        layer.shared_scale.uniform_(0.5, 2.0, generator=g)
+        layer.deviation_scale.uniform_(0.5, 2.0, generator=g)
+    x = torch.randn(3, C, H, W, dtype=torch.float64, generator=g, requires_grad=True)
+    grad_out = torch.randn(3, F, *layer.output_shape, dtype=torch.float64, generator=g)
+    expected = outputs_and_grads(layer, lambda x: reference_unfold(layer, x), x, grad_out)
+    got = outputs_and_grads(layer, layer, x, grad_out)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    assert got[0].is_contiguous()
+
+
+@pytest.mark.parametrize("geometry", FULL_GEOMETRIES + [GEOMETRIES[1]])
+def test_deviation_accessors_round_trip_whatever_the_storage(geometry):
+    """set_deviations / deviations / as_deviation_storage / deviation_gradient speak (L, F, K) for
+    both storages; the compact one holds exactly the existing offsets."""
+    layer = random_layer(*geometry, "auto")
+    L, F, K = layer.n_positions, layer.out_channels, layer.mask.shape[1]
+    exists = layer.mask.unsqueeze(1).expand(L, F, K)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        layer.deviation_scale.copy_(2.0 ** torch.randint(-2, 3, (K,), generator=g))  # exact conversions
+    d = torch.randn(L, F, K, dtype=torch.float64, generator=g)
+    before = layer.deviations().detach().clone()
+    layer.set_deviations(d)
+    got = layer.deviations().detach()
+    assert torch.equal(got[exists], d[exists])
+    if layer._compact:  # only existing offsets are stored: absent ones read 0
+        assert layer.deviation.numel() == int(layer.mask.sum()) * F and torch.all(got[~exists] == 0)
+    else:  # absent offsets keep their values
+        assert torch.equal(got[~exists], before[~exists])
+    # the storage layout of (L, F, K) values: the raw parameter, and each stored entry's scale
+    raw = layer.as_deviation_storage(d / layer.deviation_scale)
+    if layer._compact:
+        assert torch.equal(layer.deviation.detach(), raw)
+        scale = layer.as_deviation_storage(layer.deviation_scale)
+        assert scale.shape == (layer.deviation.shape[0], 1, L)
+        assert torch.equal(scale.squeeze(1), layer.deviation_scale[layer._compact_index])
+        assert torch.equal(layer._stored_scale(), scale)
+    else:
+        assert torch.equal(layer.deviation.detach()[exists], raw[exists])
+    # set_scales keeps the model
+    w0 = layer.kernels().detach().clone()
+    layer.set_scales(torch.full((K,), 0.5, dtype=torch.float64), torch.full((K,), 4.0, dtype=torch.float64))
+    torch.testing.assert_close(layer.kernels().detach(), w0, rtol=0, atol=0)
+    # deviation_gradient is dJ/dd_p of the kernel view, zero where absent
+    x = torch.randn(2, geometry[0], *geometry[2:4], dtype=torch.float64, generator=g)
+    grad_out = torch.randn(2, F, *layer.output_shape, dtype=torch.float64, generator=g)
+    layer(x).backward(grad_out)
+    dv = layer.deviations().detach().requires_grad_()
+    w = (layer.shared_kernel().detach() + dv) * layer.mask.unsqueeze(1)
+    ref = torch.autograd.grad(reference_unfold_from(layer, w, x), dv, grad_out)[0] * exists
+    torch.testing.assert_close(layer.deviation_gradient(), ref, rtol=0, atol=1e-10)
+
+
+def reference_unfold_from(layer: SoftConv2d, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """reference_unfold with the kernel vectors ``w`` (L, F, K) given."""
+    kernels = layer.kernels
+    layer.kernels = lambda: w
+    try:
+        return reference_unfold(layer, x)
+    finally:
+        layer.kernels = kernels
+
+
+def test_full_layer_loads_old_layout_state_dicts_and_round_trips():
+    """A state dict saved with the (L, F, K) 'full' layout loads into the compact storage; the new
+    layout round-trips through state_dict, pickle and deepcopy; the parameter freezes as before."""
+    import copy
+    import pickle
+
+    layer = random_layer(2, 3, 6, 5, 3, 1, "same", "full", "auto")
+    L, F, K = layer.n_positions, layer.out_channels, layer.mask.shape[1]
+    g = torch.Generator().manual_seed(9)
+    old = {"shared": torch.randn(F, K, dtype=torch.float64, generator=g),
+           "deviation": torch.randn(L, F, K, dtype=torch.float64, generator=g),
+           "shared_scale": torch.rand(K, dtype=torch.float64, generator=g) + 0.5,
+           "deviation_scale": 2.0 ** torch.randint(-2, 3, (K,), generator=g).double()}
+    layer.load_state_dict(old)
+    exists = layer.mask.unsqueeze(1).expand(L, F, K)
+    expected = old["deviation"] * old["deviation_scale"]
+    assert layer.deviation.shape == (2 * 6 * 5 + 1, F, L)
+    assert torch.equal(layer.deviations().detach()[exists], expected[exists])
+    x = torch.randn(2, 2, 6, 5, dtype=torch.float64, generator=g)
+    w = (old["shared"] * old["shared_scale"] + expected) * layer.mask.unsqueeze(1)
+    torch.testing.assert_close(layer(x), reference_unfold_from(layer, w, x), rtol=0, atol=1e-10)
+    fresh = random_layer(2, 3, 6, 5, 3, 1, "same", "full", "auto", seed=1)
+    fresh.load_state_dict(layer.state_dict())
+    for other in (fresh, pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer)):
+        torch.testing.assert_close(other(x), layer(x), rtol=0, atol=0)
+    layer.deviation.requires_grad_(False)  # the CNN limit's freezing
+    layer(x).sum().backward()
+    assert layer.deviation.grad is None and layer.shared.grad is not None

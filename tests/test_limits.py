@@ -28,9 +28,10 @@ def max_deviation(est):
     return float(est.network_.soft_layers[0].masked_deviation().detach().abs().max())
 
 
-def test_tying_max_l1_mean_is_exact(data):
+@pytest.mark.parametrize("support", [3, "full"])  # 'full': the compact storage of deviations
+def test_tying_max_l1_mean_is_exact(data, support):
     X, y = data
-    est = SoftConvRegressor(channels=1, activation="identity", alpha=1e-2, tying_penalty="l1", support=3,
+    est = SoftConvRegressor(channels=1, activation="identity", alpha=1e-2, tying_penalty="l1", support=support,
                             max_iter=1500, tol=1e-9, random_state=0)
     tm = tying_max(est, X, y)
     assert np.isfinite(tm) and tm > 0
@@ -71,9 +72,10 @@ def test_tying_max_all_matches_the_mean_graph_scale(data):
     assert 0.25 * t_mean <= t_all <= 2 * t_mean * 25
 
 
-def test_locality_max_l1_zeroes_far_weights(data):
+@pytest.mark.parametrize("support", [5, "full"])
+def test_locality_max_l1_zeroes_far_weights(data, support):
     X, y = data
-    est = SoftConvRegressor(channels=1, activation="identity", alpha=1e-2, locality_penalty="l1", support=5,
+    est = SoftConvRegressor(channels=1, activation="identity", alpha=1e-2, locality_penalty="l1", support=support,
                             max_iter=400, tol=1e-9, random_state=0)
     lm = locality_max(est, X, y)
     assert np.isfinite(lm) and lm > 0

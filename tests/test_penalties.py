@@ -71,7 +71,7 @@ def test_tying_grid_compares_only_offsets_existing_at_both_positions():
     layer = SoftConv2d(1, 1, 1, (1, 2), padding="valid", support="full", dtype=torch.float64)
     # 1x2 image, k=1: two positions; offsets -1..1 horizontally; offset +1 exists only at p0, -1 only at p1
     with torch.no_grad():
-        layer.deviation.copy_(torch.tensor([[[0.0, 3.0, 5.0, 0.0]], [[7.0, 1.0, 0.0, 0.0]]], dtype=torch.float64))
+        layer.set_deviations(torch.tensor([[[0.0, 3.0, 5.0, 0.0]], [[7.0, 1.0, 0.0, 0.0]]], dtype=torch.float64))
     # offset 0 (index 1) exists at both; its difference is 2 -> 4 / L=2
     assert float(TyingL2Grid().value(_Net([layer]))) == pytest.approx(4.0 / 2)
     assert float(TyingL2Mean().value(_Net([layer]))) == pytest.approx((9 + 25 + 49 + 1) / 2)
@@ -169,3 +169,52 @@ def test_a_new_penalty_is_one_class_and_reaches_the_estimator():
         assert d[:first_row].max() < 1e-3 * d[first_row:].max()
     finally:
         del _REGISTRY["tying"][("l2", "first-row")]
+
+
+def _kernel_view_twin(layer):
+    """A copy of a 'full' layer that stores its deviations as (L, F, K), the layout before the compact one."""
+    import copy
+
+    twin = copy.deepcopy(layer)
+    raw = layer.deviations().detach() / layer.deviation_scale
+    twin._compact, twin._compact_index = False, None
+    twin.deviation = torch.nn.Parameter(raw)
+    twin._build_tiles("auto")
+    return twin
+
+
+@pytest.mark.parametrize("key", [(s, k) for s, table in _REGISTRY.items() for k in table])
+def test_penalties_see_a_full_layer_the_same_whatever_its_storage(key):
+    """Values, proxes and finalize on the compact 'full' storage equal those on (L, F, K) storage."""
+    strength, option = key
+    pen = _REGISTRY[strength][option].from_params(SoftConvRegressor().get_params())
+    g = torch.Generator().manual_seed(8)
+    layer = SoftConv2d(2, 3, 3, (5, 4), padding="same", support="full", dtype=torch.float64, generator=g)
+    L, F, K = layer.n_positions, layer.out_channels, layer.mask.shape[1]
+    with torch.no_grad():
+        layer.shared.normal_(generator=g)
+        d = torch.randn(L, F, K, dtype=torch.float64, generator=g)
+        d[torch.rand(L, F, K, generator=g) < 0.3] = 0.0  # exact ties, as after a prox
+        layer.set_deviations(d)
+    # power-of-two scales, as proximal fits use: raw <-> effective values convert exactly
+    layer.set_scales(torch.full((K,), 0.5, dtype=torch.float64), torch.full((K,), 2.0, dtype=torch.float64))
+    twin = _kernel_view_twin(layer)
+    assert layer.deviation.shape == (2 * 5 * 4 + 1, F, L) and twin.deviation.shape == (L, F, K)
+    x = torch.randn(2, 2, 5, 4, dtype=torch.float64, generator=g)
+    torch.testing.assert_close(layer(x), twin(x), rtol=0, atol=1e-12)
+
+    def same():
+        for view in ("kernels", "masked_deviation", "shared_kernel"):
+            torch.testing.assert_close(getattr(layer, view)(), getattr(twin, view)(), rtol=0, atol=0)
+
+    same()
+    torch.testing.assert_close(pen.layer_value(layer), pen.layer_value(twin), rtol=0, atol=0)
+    if not pen.smooth:
+        before = layer.kernels().detach().clone()
+        pen.prox(layer, 0.3)
+        pen.prox(twin, 0.3)
+        assert not torch.equal(layer.kernels(), before)  # the prox did something
+        same()
+    pen.finalize(layer)
+    pen.finalize(twin)
+    same()
