@@ -400,16 +400,28 @@ class TyingL1All(_NonSmooth):
     family (:meth:`finalize`).
     """
 
+    def _rank_coefficients(self, layer):
+        """``(K, L)`` coefficient of the ``i``-th smallest (1-based) of the ``n`` existing values of
+        an entry, ``2 i - n - 1``, and 0 past them (absent entries sort last); cached per layer."""
+        mask = layer.mask.T  # (K, L)
+        dtype = layer.shared.dtype
+
+        def build():
+            n = mask.sum(1, keepdim=True)
+            rank = torch.arange(1, mask.shape[1] + 1, device=mask.device)
+            return torch.where(rank <= n, 2 * rank - n - 1, 0).to(dtype)
+
+        return self._cached(layer, "rank_coefficients", build)
+
     def layer_value(self, layer):
-        w = layer.kernels()
-        exists = layer.mask.unsqueeze(1).expand_as(w)
-        # all entries in one sort, absent ones last (+inf); for the n existing values of an
-        # entry, Σ_{p<q} |x_p - x_q| = Σ_i (2i - n - 1) x_(i) over the sorted values
-        xs = torch.where(exists, w, float("inf")).sort(dim=0).values
-        n = exists.sum(0, keepdim=True)
-        rank = torch.arange(1, w.shape[0] + 1, device=w.device).view(-1, 1, 1)
-        coef = torch.where(rank <= n, 2 * rank - n - 1, 0).to(w.dtype)
-        total = (coef * torch.where(rank <= n, xs, 0.0)).sum()
+        # for the n existing values of an entry, Σ_{p<q} |x_p - x_q| = Σ_i (2i - n - 1) x_(i)
+        w = (layer.shared_kernel() + layer.deviations()).movedim(0, -1)  # (F, K, L)
+        # absent entries sort last; the largest float (not inf) makes their 0 coefficient give 0
+        w = torch.where(layer.mask.T, w, torch.finfo(w.dtype).max)
+        xs, order = _prox._sort_rows(w.reshape(-1, w.shape[-1]), indices=w.requires_grad)
+        if order is not None:  # the same values, gathered so autograd sees them
+            xs = w.reshape(-1, w.shape[-1]).gather(1, order)
+        total = (xs.view(w.shape) * self._rank_coefficients(layer)).sum()
         return total / max(layer.n_positions - 1, 1)
 
     @torch.no_grad()

@@ -37,6 +37,7 @@ import math
 import numbers
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -361,6 +362,55 @@ def nested_group_prox(
     return res.movedim(-1, d) if out is None else out
 
 
+def _sort_rows(x: torch.Tensor, indices: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``torch.sort(x, dim=-1)`` of a 2-D tensor, faster on CPU: ``(values, indices)``.
+
+    Parameters
+    ----------
+    x : torch.Tensor, shape (B, n)
+        Rows to sort (no NaN). The result holds no autograd graph.
+    indices : bool, default True
+        Whether to return the permutation (else ``None``): sorting values
+        alone is faster.
+
+    Returns
+    -------
+    values : torch.Tensor, shape (B, n)
+        Each row in ascending order (``-0.0`` may come before ``+0.0``).
+    indices : torch.Tensor of int64, shape (B, n), or None
+        ``values[b, i] = x[b, indices[b, i]]``; equal values keep the order
+        of their indices on CPU.
+
+    Notes
+    -----
+    On CPU, float32 and float64 rows are sorted by NumPy, whose sorts use
+    SIMD kernels (x86-simd-sort) several times faster than ``torch.sort``
+    there. For the permutation of float32 rows, each value and its index are
+    packed into one int64 key (order-preserving integer bits of the value
+    above, the index below), so one sort of keys gives both (about 1.3x
+    faster than an argsort and a gather). Other devices and dtypes use
+    ``torch.sort``.
+    """
+    x = x.detach()
+    n = x.shape[-1]
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or n >= 2**31:
+        values, order = torch.sort(x, dim=-1)
+        return values, order if indices else None
+    x = x.contiguous()
+    if not indices:
+        return torch.from_numpy(np.sort(x.numpy(), axis=-1)), None
+    if x.dtype == torch.float64:
+        order = torch.from_numpy(x.numpy().argsort(axis=-1))
+        return x.gather(-1, order), order
+    # flipping the magnitude bits of negative floats orders their int32 bits like the floats
+    bits = x.view(torch.int32)
+    key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(torch.int64)
+    key.bitwise_left_shift_(32).bitwise_or_(torch.arange(n))
+    key.numpy().sort(axis=-1)
+    bits = (key >> 32).to(torch.int32)
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).view(torch.float32), key.bitwise_and_(0xFFFFFFFF)
+
+
 # ---------------------------------------------------------------------------
 # pairwise l1 (clustered lasso) penalty
 # ---------------------------------------------------------------------------
@@ -430,20 +480,20 @@ _STACK_STEP_OVERHEAD = 2500
 
 
 def _isotonic_ramp(xs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Isotonic regression of ``v_i = xs_i - t (2 i - n - 1)`` for the columns of ``xs``.
+    """Isotonic regression of ``v_i = xs_i - t (2 i - n - 1)`` for the rows of ``xs``.
 
-    ``xs`` has shape (n, B), each column sorted ascending. A column whose ``v``
-    is already non-decreasing (no two entries closer than ``2 t``: the usual
-    case for a small step) is its own regression; only the other columns run
-    :func:`_isotonic_pav`.
+    ``xs`` has shape (B, n), each row sorted ascending. A row whose ``v`` is
+    already non-decreasing (no two entries closer than ``2 t``: the usual
+    case for a small step) is its own regression; only the other rows run
+    :func:`_isotonic_pav` (on columns).
     """
-    n = xs.shape[0]
+    n = xs.shape[-1]
     ramp = 2 * torch.arange(1, n + 1, dtype=xs.dtype, device=xs.device) - n - 1
-    v = xs - t * ramp.unsqueeze(1)
-    unsorted = (v[1:] < v[:-1]).any(0)
+    v = xs - t * ramp
+    unsorted = (v[:, 1:] < v[:, :-1]).any(1)
     if bool(unsorted.any()):
-        cols = unsorted.nonzero().squeeze(1)
-        v[:, cols] = _isotonic_pav(xs[:, cols], t)
+        rows = unsorted.nonzero().squeeze(1)
+        v[rows] = _isotonic_pav(xs[rows].T, t).T
     return v
 
 
@@ -587,24 +637,29 @@ def pairwise_l1_prox(
             ) from exc
     if n <= 1 or t_float == 0 or x.numel() == 0:
         return x.clone()
-    moved = x.movedim(d, 0)
-    flat = moved.reshape(n, -1).to(acc)
+    moved = x.movedim(d, -1)  # one row per slice: sorts and scatters are fastest along rows
+    rows = moved.reshape(-1, n)
+    keys = rows
     if mask is not None:
-        m = m.movedim(d, 0).reshape(n, -1)
-        count = m.sum(0)
-        # above every entry by more than 2 t n, and 4 t apart: the padding sorts last, is its
-        # own (non-decreasing) regression and never pools with the entries
-        big = 2 * (float(flat.abs().amax()) + 2 * t_float * n) + 1
-        pad = big + 4 * t_ * torch.arange(n, dtype=acc, device=x.device).unsqueeze(1)
-        flat = torch.where(m, flat, pad)
-    xs, order = torch.sort(flat, dim=0)
+        m = m.movedim(d, -1).reshape(-1, n)
+        count = m.sum(1, keepdim=True)
+        # absent entries sort last; their sorted values are then replaced by padding
+        keys = torch.where(m, rows, torch.full((), float("inf"), dtype=x.dtype, device=x.device))
+    xs, order = _sort_rows(keys)
+    xs = xs.to(acc)
+    if mask is not None:
+        # above every entry by more than 2 t n, and 4 t apart: the padding is its own
+        # (non-decreasing) regression and never pools with the entries
+        big = 2 * (float(x.detach().abs().amax()) + 2 * t_float * n) + 1
+        rank = torch.arange(n, dtype=acc, device=x.device)
+        xs = torch.where(rank < count, xs, rank.mul(4 * t_).add_(big))
     us = _isotonic_ramp(xs, t_)
     if mask is not None:
         us -= t_ * (n - count).to(acc)
-    u = torch.empty_like(us).scatter_(0, order, us)
+    u = torch.empty_like(rows).scatter_(1, order, us.to(x.dtype))
     if mask is not None:  # absent entries, and slices with one entry, are unchanged
-        u = torch.where(m & (count > 1), u, moved.reshape(n, -1))
-    return u.to(x.dtype).reshape(moved.shape).movedim(0, d).contiguous()
+        u = torch.where(m & (count > 1), u, rows)
+    return u.reshape(moved.shape).movedim(-1, d).contiguous()
 
 
 # ---------------------------------------------------------------------------

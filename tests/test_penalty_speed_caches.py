@@ -16,6 +16,7 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from test_proximal import random_layer
 
+import softcnn.prox
 from softcnn import SoftConvRegressor
 from softcnn.datasets import make_soft_conv_data
 from softcnn.penalties import (
@@ -29,6 +30,7 @@ from softcnn.penalties import (
 )
 from softcnn.prox import (
     nested_group_prox,
+    _sort_rows,
     pairwise_l1_prox,
     soft_threshold,
     tl1_prox,
@@ -292,3 +294,84 @@ def test_a_fitted_estimator_keeps_no_penalty_scratch_state():
         est.fit(X, y)
     tv = [pen for _, pen in est.penalties_ if isinstance(pen, TyingL1Grid)]
     assert tv and all("_layer_state" not in vars(pen) for _, pen in est.penalties_)
+
+
+# ------------------------------------------------------------ NumPy sorts
+def _torch_sort_rows(x, indices=True):
+    """The ``torch.sort`` path of ``_sort_rows`` (what other devices use), stable."""
+    values, order = torch.sort(x.detach(), dim=-1, stable=True)
+    return values, order if indices else None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_numpy_row_sort_equals_torch_sort(dtype):
+    g = _gen(20)
+    x = torch.randn(7, 300, generator=g).to(dtype)
+    x[0, :50] = x[0, 60]  # ties
+    x[1, ::3] = 0.0
+    x[1, 1::3] = -0.0
+    x[2, :10] = float("inf")
+    x[2, 10:20] = -float("inf")
+    x[3] = torch.finfo(dtype).max * torch.sign(x[3])  # the extremes of the key packing
+    x[4, :5] = torch.finfo(dtype).tiny * torch.tensor([1.0, -1.0, 0.5, -0.5, 0.0]).to(dtype)  # subnormals
+    ref_values, ref_order = _torch_sort_rows(x)
+    values, order = _sort_rows(x)
+    assert values.dtype == dtype and order.dtype == torch.int64
+    assert torch.equal(values, ref_values)  # -0.0 == +0.0
+    assert torch.equal(x.gather(1, order).view(-1).view(torch.uint8),  # bit for bit, signed zeros too
+                       values.contiguous().view(-1).view(torch.uint8))
+    assert torch.equal(torch.sort(order, dim=1).values, torch.arange(300).expand(7, 300))  # permutations
+    if dtype == torch.float32:  # the packed keys order ties by index, like a stable sort
+        keep = ~torch.isinf(x).any(1) & (x != 0).all(1)  # rows without signed zeros
+        assert torch.equal(order[keep], ref_order[keep])
+    only, none = _sort_rows(x, indices=False)
+    assert none is None and torch.equal(only, ref_values)
+    # a non-contiguous input and a gradient-carrying input are sorted like their values
+    y = x.T.contiguous().T.requires_grad_(True)
+    assert torch.equal(_sort_rows(y)[0], ref_values) and not _sort_rows(y)[0].requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pairwise_prox_numpy_sort_equals_torch_sort(dtype, monkeypatch):
+    g = _gen(21)
+    x = torch.randn(40, 6, 5, generator=g).to(dtype)
+    x[:8, 0, 0] = x[9, 0, 0]  # ties
+    mask = torch.rand(40, 6, 5, generator=g) < 0.8
+    mask[:, 1, 1] = False
+    mask[7, 1, 1] = True  # a single entry
+    ts = (1e-4, 0.01, 0.3, 10.0)  # no pooling to full pooling
+    fast = [pairwise_l1_prox(x, t, dim=0, mask=mask) for t in ts]
+    fast += [pairwise_l1_prox(x, t, dim=1) for t in ts]
+    monkeypatch.setattr(softcnn.prox, "_sort_rows", _torch_sort_rows)
+    ref = [pairwise_l1_prox(x, t, dim=0, mask=mask) for t in ts] + [pairwise_l1_prox(x, t, dim=1) for t in ts]
+    for a, b in zip(fast, ref):
+        assert torch.equal(a, b)
+    assert not torch.equal(fast[0], fast[-1])
+
+
+def test_tying_l1_all_float32_value_gradient_and_cached_coefficients():
+    layer = random_layer(22, support=5, image=(4, 5), channels=(2, 2), k=3).float()
+    pen = TyingL1All()
+    ref, value = reference_l1_all(layer)
+    assert float(pen.layer_value(layer).detach()) == pytest.approx(value, rel=1e-5)
+    with torch.no_grad():  # the values-only sort
+        assert float(pen.layer_value(layer)) == pytest.approx(value, rel=1e-5)
+    # the gradient: Σ_i (2 i - n - 1) x_(i) differentiated by autograd through torch.sort
+    pen.layer_value(layer).backward()
+    grad = layer.deviation.grad.clone()
+    layer.deviation.grad = None
+    w = layer.kernels()
+    exists = layer.mask.unsqueeze(1).expand_as(w)
+    xs = torch.where(exists, w, float("inf")).sort(dim=0).values
+    n = exists.sum(0, keepdim=True)
+    rank = torch.arange(1, w.shape[0] + 1).view(-1, 1, 1)
+    plain = (torch.where(rank <= n, 2 * rank - n - 1, 0) * torch.where(rank <= n, xs, 0.0)).sum()
+    (plain / (layer.n_positions - 1)).backward()
+    torch.testing.assert_close(grad, layer.deviation.grad, atol=0, rtol=0)
+    # the rank coefficients are cached for the mask; a change of the mask rebuilds them
+    coef = pen._rank_coefficients(layer)
+    assert pen._rank_coefficients(layer) is coef
+    with torch.no_grad():
+        layer.mask[0, 0] = ~layer.mask[0, 0]
+    assert not torch.equal(pen._rank_coefficients(layer), coef)
+    assert float(pen.layer_value(layer).detach()) == pytest.approx(reference_l1_all(layer)[1], rel=1e-5)
