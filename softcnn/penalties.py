@@ -231,8 +231,7 @@ def _write_deviations(layer: SoftConv2d, d_new: torch.Tensor) -> None:
     selection ``d * (1 - e) + d_new * e`` with ``e`` in {0, 1} is exact for finite values.
     """
     exists = _exists(layer, d_new.dtype)
-    d_new.div_(layer.deviation_scale).mul_(exists)
-    layer.deviation.mul_(1 - exists).add_(d_new)
+    layer.deviation.mul_(1 - exists).addcmul_(d_new.div_(layer.deviation_scale), exists)
 
 
 def _exists(layer: SoftConv2d, dtype: torch.dtype) -> torch.Tensor:
@@ -351,17 +350,15 @@ class _TyingTV(_NonSmooth):
     @torch.no_grad()
     def prox(self, layer, step):
         d = layer.masked_deviation()
-        L, Fo, K = d.shape
-        mask = layer.mask.unsqueeze(1).expand(L, Fo, K).reshape(L, Fo * K)
         # warm start from this layer's previous dual: a step moves the solution little
         state, key = self._state(layer), (d.shape, d.dtype, d.device)
         last_key, dual = state.get("tv_dual", (None, None))
         new, dual = _prox.tv_prox(
-            d.reshape(L, Fo * K), _dev_step(layer, step), layer.output_shape, kind=self.kind, mask=mask,
+            d, _dev_step(layer, step), layer.output_shape, kind=self.kind, mask=layer.mask.unsqueeze(1),
             dual=dual if last_key == key else None, return_dual=True,
         )
         state["tv_dual"] = (key, dual)
-        _write_deviations(layer, new.reshape(L, Fo, K))
+        _write_deviations(layer, new)
 
     def finalize(self, layer):
         _recentre(layer)
@@ -634,12 +631,14 @@ class LocalityRings(_NonSmooth, _ProfiledPenalty):
 
     @torch.no_grad()
     def prox(self, layer, step):
-        w = _raw_kernels(layer).mul_(_exists(layer, layer.shared.dtype))  # absent offsets carry no weight
-        t, groups = _dev_step(layer, step), self._groups(layer)
-        _prox.nested_group_prox(w[..., :-1], t, groups, dim=-1, out=w[..., :-1])
-        m = layer.shared_kernel()
-        _prox.nested_group_prox(m[..., :-1], t, groups, dim=-1, out=m[..., :-1])
-        _write_tied(layer, w, m)
+        # the kernels, absent offsets zeroed (they carry no weight), and the shared kernel as one
+        # more position: one prox call for both
+        L, m = layer.n_positions, layer.shared_kernel()
+        w = m.new_empty((L + 1, *m.shape))
+        torch.addcmul(m, layer.deviation, layer.deviation_scale, out=w[:L]).mul_(_exists(layer, m.dtype))
+        w[L] = m
+        _prox.nested_group_prox(w[..., :-1], _dev_step(layer, step), self._groups(layer), dim=-1, out=w[..., :-1])
+        _write_tied(layer, w[:L], w[L])
 
 
 @register("locality", "full_rings")
