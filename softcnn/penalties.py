@@ -153,6 +153,15 @@ class Penalty(ABC):
         states = self.__dict__.setdefault("_layer_state", weakref.WeakKeyDictionary())
         return states.setdefault(layer, {})
 
+    def _buffer(self, layer: SoftConv2d, name: str, like: torch.Tensor) -> torch.Tensor:
+        """A scratch tensor shaped like ``like``, kept per layer (fresh memory costs more than
+        the arithmetic on CPU); its content is undefined."""
+        state = self._state(layer)
+        buf = state.get(name)
+        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype or buf.device != like.device:
+            buf = state[name] = torch.empty_like(like, memory_format=torch.contiguous_format)
+        return buf
+
     def _cached(self, layer: SoftConv2d, name: str, build: Callable[[], object]):
         """``build()``, computed once per layer while its mask (object and content) and dtype stay.
 
@@ -349,16 +358,19 @@ class _TyingTV(_NonSmooth):
 
     @torch.no_grad()
     def prox(self, layer, step):
-        d = layer.masked_deviation()
-        # warm start from this layer's previous dual: a step moves the solution little
+        d = self._buffer(layer, "tv_input", layer.deviation)
+        torch.mul(layer.deviation, layer.deviation_scale, out=d).mul_(_exists(layer, d.dtype))
+        # warm start from this layer's previous dual (a step moves the solution little), and
+        # the solver's scratch buffers kept with it
         state, key = self._state(layer), (d.shape, d.dtype, d.device)
         last_key, dual = state.get("tv_dual", (None, None))
-        new, dual = _prox.tv_prox(
+        _, dual = _prox.tv_prox(
             d, _dev_step(layer, step), layer.output_shape, kind=self.kind, mask=layer.mask.unsqueeze(1),
-            dual=dual if last_key == key else None, return_dual=True,
+            dual=dual if last_key == key else None, return_dual=True, out=d,
+            workspace=state.setdefault("tv_workspace", {}),
         )
         state["tv_dual"] = (key, dual)
-        _write_deviations(layer, new)
+        _write_deviations(layer, d)
 
     def finalize(self, layer):
         _recentre(layer)

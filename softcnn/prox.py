@@ -667,6 +667,12 @@ def pairwise_l1_prox(
 # ---------------------------------------------------------------------------
 
 
+# Anisotropic TV drops converged columns from its iterations once at least this many (and at
+# least half) have converged: copying the others out costs about as much as a few iterations of
+# this many columns.
+_MIN_DROP = 64
+
+
 def _max_abs(x: torch.Tensor) -> float:
     """``max |x|`` without a temporary ``|x|`` (and faster than ``vector_norm``'s inf norm on CPU)."""
     return max(float(x.amax()), -float(x.amin()))
@@ -683,6 +689,8 @@ def tv_prox(
     *,
     dual: torch.Tensor | None = None,
     return_dual: bool = False,
+    out: torch.Tensor | None = None,
+    workspace: dict | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""Proximal operator of total variation over a 2-D grid of positions.
 
@@ -722,10 +730,21 @@ def tv_prox(
         (Lh - 1) Lw`` edges (the horizontal pairs, then the vertical ones,
         each row-major) and ``R = prod(rest)``. It is projected onto the
         feasible set of this call (radius ``t``, ``mask``) first, so any
-        tensor of that shape is a valid start; it is not modified. ``None``
-        starts from 0.
+        tensor of that shape is a valid start; it is not modified (unless it
+        is the dual kept in ``workspace``). ``None`` starts from 0.
     return_dual : bool, default False
         Also return the final dual iterate, to warm-start a later call.
+    out : torch.Tensor, optional
+        Where to write ``u`` (shape, dtype and device of ``x``); it may be
+        ``x`` itself, which is read until the end.
+    workspace : dict, optional
+        Scratch buffers kept between calls: pass the same dict (empty at
+        first) to successive calls on inputs of one shape, dtype and device,
+        such as the steps of a proximal-gradient fit, and the dual-sized
+        buffers are allocated once (fresh memory costs more than the
+        arithmetic on CPU). The returned dual is then one of them: it stays
+        valid until the next call with this dict, which may take it as
+        ``dual``.
 
     Returns
     -------
@@ -814,9 +833,20 @@ def tv_prox(
     else:
         m = edge_mask = None
 
+    _check_out(out, x)
+
     def no_change():
-        u = x.clone()
+        u = x.clone() if out is None else out.copy_(x)
         return (u, x.new_zeros(n_e, n_rest)) if return_dual else u
+
+    def buffer(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        # a scratch tensor, from the workspace when it holds one of this shape, dtype and device
+        b = None if workspace is None else workspace.get(name)
+        if b is None or b.shape != shape or b.dtype != x.dtype or b.device != x.device:
+            b = torch.empty(shape, dtype=x.dtype, device=x.device)
+            if workspace is not None:
+                workspace[name] = b
+        return b
 
     if t_float == 0 or lh * lw == 1 or x.numel() == 0:
         return no_change()
@@ -866,13 +896,17 @@ def tv_prox(
     step = 1.0 / 8.0
     # below the round-off of one update (step times an ulp of max|x|) the change is noise
     stop = max(tol, step * torch.finfo(x.dtype).eps) * x_scale
-    z = X.new_zeros(n_e, n_rest) if dual is None else project_(dual.clone())
+    # z and new swap at every iteration: the dual handed back may be either, and is read here
+    # before either is written (copying a tensor onto itself is harmless)
+    z, new = buffer("z", (n_e, n_rest)), buffer("new", (n_e, n_rest))
+    if dual is not None and dual.data_ptr() == new.data_ptr():
+        z, new = new, z
+    z = z.zero_() if dual is None else project_(z.copy_(dual))
+    y, g, ra = z, buffer("g", z.shape), buffer("r", X.shape)  # y is z until the first update
     full = None  # the whole dual, once columns have been dropped from z
     cols = torch.arange(n_rest, device=x.device)  # the columns z holds
-    Xa, y, new, g = X, z.clone(), torch.empty_like(z), torch.empty_like(z)
-    r = ra = torch.empty_like(X)
-    zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    tau = torch.ones((), dtype=x.dtype, device=x.device)
+    Xa = X
+    tau = 1.0
     for it in range(int(n_iter)):
         grad(residual(y, Xa, ra), g)
         project_(torch.add(y, g, alpha=step, out=new))
@@ -889,17 +923,19 @@ def tv_prox(
                 n_done = int(done.sum())
                 if n_done == cols.numel():
                     break
-        if it == 0:  # y was the start: no momentum yet, and no restart
-            tau = (1 + torch.sqrt(1 + 4 * tau * tau)) / 2
+        tau_next = (1 + math.sqrt(1 + 4 * tau * tau)) / 2
+        # restart the momentum when the step goes against the gradient mapping, (y - z).diff > 0;
+        # not at the first iteration: y was the start, and there is no momentum yet
+        if it == 0:  # y was z's buffer, which now holds diff
+            tau = tau_next
+            y = buffer("y", z.shape).copy_(z)
+        elif bool(torch.dot(y.view(-1), diff.view(-1)) > torch.dot(z.view(-1), diff.view(-1))):
+            tau = 1.0
             y.copy_(z)
         else:
-            # restart the momentum when the step goes against the gradient mapping: (y - z).diff > 0
-            restart = torch.dot(y.view(-1), diff.view(-1)) > torch.dot(z.view(-1), diff.view(-1))
-            tau_next = (1 + torch.sqrt(1 + 4 * tau * tau)) / 2
-            beta = torch.where(restart, zero, (tau - 1) / tau_next)
-            tau = torch.where(restart, torch.ones_like(tau), tau_next)
-            torch.addcmul(z, beta, diff, out=y)
-        if done is not None and 2 * n_done >= cols.numel():
+            torch.add(z, diff, alpha=(tau - 1) / tau_next, out=y)
+            tau = tau_next
+        if done is not None and n_done >= max(cols.numel() // 2, _MIN_DROP):
             # most columns are done (after a warm start, all but a few dozen of hundreds): the
             # others go on alone, on copies of their columns
             if full is None:
@@ -920,7 +956,10 @@ def tv_prox(
         full[:, cols] = z
         z = full
     # the dual is 0 on every edge of an absent entry: it comes back unchanged, no selection needed
-    u = residual(z, X, r).reshape(shape)
+    direct = out is not None and out.is_contiguous()
+    u = residual(z, X, out.view(X.shape) if direct else torch.empty_like(X)).view(shape)
+    if out is not None and not direct:
+        u = out.copy_(u)
     return (u, z) if return_dual else u
 
 

@@ -113,7 +113,10 @@ def test_tying_group_tv_cache_follows_dtype():
     pen.prox(layer, 0.5)
     layer.float()
     pen.prox(layer, 0.5)  # the float64 dual is not reused for a float32 layer
-    assert pen._layer_state[layer]["tv_dual"][1].dtype == torch.float32
+    state = pen._layer_state[layer]
+    assert state["tv_dual"][1].dtype == torch.float32
+    assert state["tv_input"].dtype == torch.float32  # nor the scratch buffers
+    assert all(b.dtype == torch.float32 for b in state["tv_workspace"].values())
 
 
 # ---------------------------------------------------------- nested / rings
@@ -375,3 +378,50 @@ def test_tying_l1_all_float32_value_gradient_and_cached_coefficients():
         layer.mask[0, 0] = ~layer.mask[0, 0]
     assert not torch.equal(pen._rank_coefficients(layer), coef)
     assert float(pen.layer_value(layer).detach()) == pytest.approx(reference_l1_all(layer)[1], rel=1e-5)
+
+
+# ------------------------------------------------------------ TV solver paths
+@pytest.mark.parametrize("kind", ["l1", "group"])
+def test_tv_workspace_and_out_give_the_plain_result(kind):
+    g = _gen(23)
+    x = torch.randn(20, 3, 4, dtype=torch.float64, generator=g)
+    mask = torch.rand(20, 1, 4, generator=g) < 0.8  # kept at its own size along rest
+    ws, dual_ws, dual = {}, None, None
+    for step in range(3):  # successive calls, each warm-started from the last dual
+        x = x + 0.05 * torch.randn(x.shape, dtype=x.dtype, generator=g)
+        u, dual = tv_prox(x, 0.2, (4, 5), kind=kind, mask=mask, dual=dual, return_dual=True)
+        y = x.clone()
+        v, dual_ws = tv_prox(y, 0.2, (4, 5), kind=kind, mask=mask, dual=dual_ws, return_dual=True,
+                             out=y, workspace=ws)
+        assert v.data_ptr() == y.data_ptr()  # written to out, here x itself
+        assert torch.equal(v, u) and torch.equal(dual_ws, dual)  # the same iterates
+        assert any(dual_ws.data_ptr() == b.data_ptr() for b in ws.values())  # the dual is kept there
+    assert not torch.equal(u[~mask.expand_as(u)], torch.zeros(()))
+    assert torch.equal(u[~mask.expand_as(u)], x[~mask.expand_as(u)])  # absent entries unchanged
+    # a non-contiguous out, and a workspace of another dtype is replaced, not reused
+    out = torch.empty(3, 4, 20, dtype=torch.float64).permute(2, 0, 1)
+    assert tv_prox(x, 0.2, (4, 5), kind=kind, mask=mask, out=out) is out
+    torch.testing.assert_close(out, tv_prox(x, 0.2, (4, 5), kind=kind, mask=mask), atol=0, rtol=0)
+    tv_prox(x.float(), 0.2, (4, 5), kind=kind, mask=mask, workspace=ws)
+    assert all(b.dtype == torch.float32 for b in ws.values())
+
+
+def test_tv_l1_columns_stop_on_their_own(monkeypatch):
+    """Anisotropic TV iterates only the columns that have not met the stopping test; the result
+    is that of solving each column alone (and of iterating them all), to the solver's accuracy."""
+    g = _gen(24)
+    x = torch.randn(30, 8, 20, dtype=torch.float64, generator=g)  # 160 columns on a 5x6 grid
+    mask = torch.rand(30, 1, 20, generator=g) < 0.85
+    _, dual = tv_prox(x, 0.1, (5, 6), mask=mask, return_dual=True)
+    x2 = x.clone()
+    x2[:, 0, :10] += 0.2 * torch.randn(30, 10, dtype=x.dtype, generator=g)  # 10 columns move
+    ref = tv_prox(x2, 0.1, (5, 6), mask=mask, tol=0.0, n_iter=5000)
+    warm = tv_prox(x2, 0.1, (5, 6), mask=mask, dual=dual)
+    cold = tv_prox(x2, 0.1, (5, 6), mask=mask)
+    alone = torch.stack([tv_prox(x2[:, f, k], 0.1, (5, 6), mask=mask[:, 0, k])
+                         for f in range(8) for k in range(20)], -1).view_as(x2)
+    monkeypatch.setattr(softcnn.prox, "_MIN_DROP", 10**9)  # never drop columns
+    together = tv_prox(x2, 0.1, (5, 6), mask=mask, dual=dual)
+    for u in (warm, cold, alone, together):
+        torch.testing.assert_close(u, ref, atol=1e-8, rtol=0)
+    assert not torch.equal(warm, together)  # the columns were dropped: other iterates
