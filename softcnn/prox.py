@@ -147,6 +147,11 @@ def _check_out(out: torch.Tensor | None, x: torch.Tensor) -> None:
         )
 
 
+def _max_abs(x: torch.Tensor) -> float:
+    """``max |x|`` without a temporary ``|x|`` (and faster than ``vector_norm``'s inf norm on CPU)."""
+    return max(float(x.amax()), -float(x.amin()))
+
+
 def _block_shrink(x: torch.Tensor, norm: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
     """``x * max(0, 1 - thr / norm)`` with exact (+0) zeros where ``norm <= thr``."""
     keep = norm > thr
@@ -490,7 +495,7 @@ def _isotonic_ramp(xs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     n = xs.shape[-1]
     ramp = 2 * torch.arange(1, n + 1, dtype=xs.dtype, device=xs.device) - n - 1
     v = xs - t * ramp
-    unsorted = (v[:, 1:] < v[:, :-1]).any(1)
+    unsorted = torch.diff(v, dim=1).amin(1) < 0  # (faster than comparing the neighbours)
     if bool(unsorted.any()):
         rows = unsorted.nonzero().squeeze(1)
         v[rows] = _isotonic_pav(xs[rows].T, t).T
@@ -630,36 +635,40 @@ def pairwise_l1_prox(
         if m.dtype != torch.bool:
             raise TypeError(f"mask must be a boolean tensor, got dtype {m.dtype}")
         try:
-            m = m.broadcast_to(x.shape)
+            m.broadcast_to(x.shape)
         except RuntimeError as exc:
             raise ValueError(
                 f"mask of shape {tuple(m.shape)} is not broadcastable to x shape {tuple(x.shape)}"
             ) from exc
     if n <= 1 or t_float == 0 or x.numel() == 0:
         return x.clone()
-    moved = x.movedim(d, -1)  # one row per slice: sorts and scatters are fastest along rows
-    rows = moved.reshape(-1, n)
+    moved = x.movedim(d, -1).contiguous()  # one row per slice: sorts and scatters are fastest along rows
+    rows = moved.view(-1, n)
     keys = rows
     if mask is not None:
-        m = m.movedim(d, -1).reshape(-1, n)
-        count = m.sum(1, keepdim=True)
-        # absent entries sort last; their sorted values are then replaced by padding
-        keys = torch.where(m, rows, torch.full((), float("inf"), dtype=x.dtype, device=x.device))
+        # the mask as 0/1 numbers, at its own size (broadcast, not expanded): on CPU, arithmetic
+        # on them is several times faster than boolean selections
+        e = m.reshape((1,) * (x.ndim - m.ndim) + tuple(m.shape)).movedim(d, -1).to(x.dtype)
+        n_small = e.sum(-1, keepdim=True)  # entries per slice, at the mask's size
+        count = n_small.expand(*moved.shape[:-1], 1).reshape(-1, 1)
+        # absent entries sort last: the max with +inf there, and with -inf at the others
+        keys = torch.maximum(moved, e.mul(-2).add_(1).mul_(float("inf"))).view(-1, n)
     xs, order = _sort_rows(keys)
     xs = xs.to(acc)
     if mask is not None:
-        # above every entry by more than 2 t n, and 4 t apart: the padding is its own
-        # (non-decreasing) regression and never pools with the entries
-        big = 2 * (float(x.detach().abs().amax()) + 2 * t_float * n) + 1
-        rank = torch.arange(n, dtype=acc, device=x.device)
-        xs = torch.where(rank < count, xs, rank.mul(4 * t_).add_(big))
+        # in place of the +inf after the existing entries of a row (the min with finite values
+        # above them all), padding above every entry by more than 2 t n, and 4 t apart: it is
+        # its own (non-decreasing) regression and never pools with the entries
+        big = 2 * (_max_abs(x.detach()) + 2 * t_float * n) + 1
+        torch.minimum(xs, torch.arange(n, dtype=acc, device=x.device).mul_(4 * t_).add_(big), out=xs)
     us = _isotonic_ramp(xs, t_)
     if mask is not None:
         us -= t_ * (n - count).to(acc)
-    u = torch.empty_like(rows).scatter_(1, order, us.to(x.dtype))
-    if mask is not None:  # absent entries, and slices with one entry, are unchanged
-        u = torch.where(m & (count > 1), u, rows)
-    return u.reshape(moved.shape).movedim(-1, d).contiguous()
+    u = torch.empty_like(rows).scatter_(1, order, us.to(x.dtype)).view(moved.shape)
+    if mask is not None:  # absent entries, and slices with one entry, are unchanged: u e + x (1 - e)
+        e = e * (n_small > 1)
+        u.mul_(e).addcmul_(moved, e.neg_().add_(1))
+    return u.movedim(-1, d).contiguous()
 
 
 # ---------------------------------------------------------------------------
@@ -671,11 +680,6 @@ def pairwise_l1_prox(
 # least half) have converged: copying the others out costs about as much as a few iterations of
 # this many columns.
 _MIN_DROP = 64
-
-
-def _max_abs(x: torch.Tensor) -> float:
-    """``max |x|`` without a temporary ``|x|`` (and faster than ``vector_norm``'s inf norm on CPU)."""
-    return max(float(x.amax()), -float(x.amin()))
 
 
 def tv_prox(
