@@ -906,7 +906,8 @@ def tv_prox(
     if dual is not None and dual.data_ptr() == new.data_ptr():
         z, new = new, z
     z = z.zero_() if dual is None else project_(z.copy_(dual))
-    y, g, ra = z, buffer("g", z.shape), buffer("r", X.shape)  # y is z until the first update
+    # y is z itself while there is no momentum (at first, and after a restart)
+    y, ybuf, g, ra = z, None, buffer("g", z.shape), buffer("r", X.shape)
     full = None  # the whole dual, once columns have been dropped from z
     cols = torch.arange(n_rest, device=x.device)  # the columns z holds
     Xa = X
@@ -929,16 +930,15 @@ def tv_prox(
                     break
         tau_next = (1 + math.sqrt(1 + 4 * tau * tau)) / 2
         # restart the momentum when the step goes against the gradient mapping, (y - z).diff > 0;
-        # not at the first iteration: y was the start, and there is no momentum yet
-        if it == 0:  # y was z's buffer, which now holds diff
-            tau = tau_next
-            y = buffer("y", z.shape).copy_(z)
-        elif bool(torch.dot(y.view(-1), diff.view(-1)) > torch.dot(z.view(-1), diff.view(-1))):
-            tau = 1.0
-            y.copy_(z)
+        # it cannot when y was the previous iterate (whose buffer now holds diff)
+        restart = y is not new and bool(torch.dot(y.view(-1), diff.view(-1)) > torch.dot(z.view(-1), diff.view(-1)))
+        beta, tau = (0.0, 1.0) if restart else ((tau - 1) / tau_next, tau_next)
+        if beta == 0.0:
+            y = z
         else:
-            torch.add(z, diff, alpha=(tau - 1) / tau_next, out=y)
-            tau = tau_next
+            if ybuf is None:  # (the workspace keeps buffers of the whole dual only)
+                ybuf = buffer("y", z.shape) if full is None else torch.empty_like(z)
+            y = torch.add(z, diff, alpha=beta, out=ybuf)
         if done is not None and n_done >= max(cols.numel() // 2, _MIN_DROP):
             # most columns are done (after a warm start, all but a few dozen of hundreds): the
             # others go on alone, on copies of their columns
@@ -948,8 +948,10 @@ def tv_prox(
                 full[:, cols] = z
             left = (~done).nonzero().squeeze(1)
             cols = cols[left]
-            z, y, Xa = z.index_select(1, left), y.index_select(1, left), Xa.index_select(2, left)
-            new, g, ra = torch.empty_like(z), torch.empty_like(z), torch.empty_like(Xa)
+            zc, Xa = z.index_select(1, left), Xa.index_select(2, left)
+            y = zc if y is z else y.index_select(1, left)
+            z, new, g, ra = zc, torch.empty_like(zc), torch.empty_like(zc), torch.empty_like(Xa)
+            ybuf = None if y is z else y
             if edge_mask is not None:  # the bounds of the columns left
                 at = torch.unravel_index(cols, rest)
                 at = (slice(None),) + tuple(i if s > 1 else torch.zeros_like(i) for i, s in zip(at, m_rest))
