@@ -269,9 +269,10 @@ def _write_tied(layer: SoftConv2d, w_new: torch.Tensor, m_new: torch.Tensor) -> 
     _write_kernels(layer, w_new)
 
 
-def _raw_kernels(layer: SoftConv2d) -> torch.Tensor:
-    """``m + d_p`` without the existence mask (the values a prox on ``w`` starts from); a new tensor."""
-    return torch.addcmul(layer.shared_kernel(), layer.deviation, layer.deviation_scale)
+def _raw_kernels(layer: SoftConv2d, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``m + d_p`` without the existence mask (the values a prox on ``w`` starts from); a new
+    tensor, or ``out``."""
+    return torch.addcmul(layer.shared_kernel(), layer.deviation, layer.deviation_scale, out=out)
 
 
 @torch.no_grad()
@@ -439,7 +440,9 @@ class TyingL1All(_NonSmooth):
         if L < 2:
             return
         t = _dev_step(layer, step) / (L - 1)
-        w = _prox.pairwise_l1_prox(_raw_kernels(layer), t, dim=0, mask=layer.mask.unsqueeze(1))
+        w = _raw_kernels(layer, out=self._buffer(layer, "kernels", layer.deviation))
+        _prox.pairwise_l1_prox(w, t, dim=0, mask=layer.mask.unsqueeze(1), out=w,
+                               workspace=self._state(layer).setdefault("workspace", {}))
         _write_kernels(layer, w)
 
     def finalize(self, layer):
@@ -647,7 +650,7 @@ class LocalityRings(_NonSmooth, _ProfiledPenalty):
         # more position: one prox call for both
         L, m = layer.n_positions, layer.shared_kernel()
         w = m.new_empty((L + 1, *m.shape))
-        torch.addcmul(m, layer.deviation, layer.deviation_scale, out=w[:L]).mul_(_exists(layer, m.dtype))
+        _raw_kernels(layer, out=w[:L]).mul_(_exists(layer, m.dtype))
         w[L] = m
         _prox.nested_group_prox(w[..., :-1], _dev_step(layer, step), self._groups(layer), dim=-1, out=w[..., :-1])
         _write_tied(layer, w[:L], w[L])

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -145,6 +146,21 @@ def _check_out(out: torch.Tensor | None, x: torch.Tensor) -> None:
             f"out must have the shape, dtype and device of x ({tuple(x.shape)}, {x.dtype}, {x.device}), "
             f"got ({tuple(out.shape)}, {out.dtype}, {out.device})"
         )
+
+
+def _scratch(
+    workspace: dict | None, name: str, shape: Sequence[int], like: torch.Tensor, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """An uninitialised tensor (device of ``like``, its dtype unless ``dtype``), kept in
+    ``workspace`` under ``name`` when one is given, and reused while it fits: on CPU, fresh
+    memory costs more than the arithmetic done in it."""
+    dtype = like.dtype if dtype is None else dtype
+    buf = None if workspace is None else workspace.get(name)
+    if buf is None or buf.shape != tuple(shape) or buf.dtype != dtype or buf.device != like.device:
+        buf = torch.empty(tuple(shape), dtype=dtype, device=like.device)
+        if workspace is not None:
+            workspace[name] = buf
+    return buf
 
 
 def _max_abs(x: torch.Tensor) -> float:
@@ -367,16 +383,21 @@ def nested_group_prox(
     return res.movedim(-1, d) if out is None else out
 
 
-def _sort_rows(x: torch.Tensor, indices: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _sort_rows(
+    x: torch.Tensor, indices: bool = True, workspace: dict | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``torch.sort(x, dim=-1)`` of a 2-D tensor, faster on CPU: ``(values, indices)``.
 
     Parameters
     ----------
     x : torch.Tensor, shape (B, n)
-        Rows to sort (no NaN). The result holds no autograd graph.
+        Rows to sort (no NaN); not modified. The result holds no autograd graph.
     indices : bool, default True
         Whether to return the permutation (else ``None``): sorting values
         alone is faster.
+    workspace : dict, optional
+        Scratch buffers kept between calls (see :func:`tv_prox`); the results
+        are then among them, valid until the next call with this dict.
 
     Returns
     -------
@@ -409,16 +430,15 @@ def _sort_rows(x: torch.Tensor, indices: bool = True) -> tuple[torch.Tensor, tor
         return x.gather(-1, order), order
     # flipping the magnitude bits of negative floats orders their int32 bits like the floats
     bits = x.view(torch.int32)
-    key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(torch.int64)
+    flip = torch.bitwise_right_shift(bits, 31, out=_scratch(workspace, "bits", x.shape, bits))
+    flip.bitwise_and_(0x7FFFFFFF).bitwise_xor_(bits)
+    key = _scratch(workspace, "keys", x.shape, x, torch.int64).copy_(flip)
     key.bitwise_left_shift_(32).bitwise_or_(torch.arange(n))
     key.numpy().sort(axis=-1)
-    bits = (key >> 32).to(torch.int32)
-    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).view(torch.float32), key.bitwise_and_(0xFFFFFFFF)
-
-
-# ---------------------------------------------------------------------------
-# pairwise l1 (clustered lasso) penalty
-# ---------------------------------------------------------------------------
+    # the values' bits back, from the upper halves of the keys (flipping again undoes the flip)
+    high = key.view(torch.int32)[:, 1::2] if sys.byteorder == "little" else (key >> 32).to(torch.int32)
+    torch.bitwise_right_shift(high, 31, out=flip).bitwise_and_(0x7FFFFFFF).bitwise_xor_(high)
+    return flip.view(torch.float32), key.bitwise_and_(0xFFFFFFFF)
 
 
 def _ramp_block_mean(
@@ -484,18 +504,21 @@ _PASS_OVERHEAD = 3000
 _STACK_STEP_OVERHEAD = 2500
 
 
-def _isotonic_ramp(xs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def _isotonic_ramp(xs: torch.Tensor, t: torch.Tensor, workspace: dict | None = None) -> torch.Tensor:
     """Isotonic regression of ``v_i = xs_i - t (2 i - n - 1)`` for the rows of ``xs``.
 
     ``xs`` has shape (B, n), each row sorted ascending. A row whose ``v`` is
     already non-decreasing (no two entries closer than ``2 t``: the usual
     case for a small step) is its own regression; only the other rows run
-    :func:`_isotonic_pav` (on columns).
+    :func:`_isotonic_pav` (on columns). The result and a temporary are kept
+    in ``workspace`` when given.
     """
     n = xs.shape[-1]
     ramp = 2 * torch.arange(1, n + 1, dtype=xs.dtype, device=xs.device) - n - 1
-    v = xs - t * ramp
-    unsorted = torch.diff(v, dim=1).amin(1) < 0  # (faster than comparing the neighbours)
+    v = torch.sub(xs, t * ramp, out=_scratch(workspace, "ramp", xs.shape, xs))
+    # the smallest gap (faster than comparing the neighbours)
+    gaps = torch.sub(v[:, 1:], v[:, :-1], out=_scratch(workspace, "gaps", (xs.shape[0], n - 1), xs))
+    unsorted = gaps.amin(1) < 0
     if bool(unsorted.any()):
         rows = unsorted.nonzero().squeeze(1)
         v[rows] = _isotonic_pav(xs[rows].T, t).T
@@ -562,7 +585,13 @@ def _isotonic_pav(xs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def pairwise_l1_prox(
-    x: torch.Tensor, t: Scalar, dim: int = 0, mask: torch.Tensor | None = None
+    x: torch.Tensor,
+    t: Scalar,
+    dim: int = 0,
+    mask: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    workspace: dict | None = None,
 ) -> torch.Tensor:
     """Proximal operator of the pairwise (weight-sharing) l1 penalty.
 
@@ -580,6 +609,12 @@ def pairwise_l1_prox(
         each slice's penalty is over the pairs of its existing entries, and
         the other entries are returned unchanged. Slices with different
         numbers of entries are solved in one batch.
+    out : torch.Tensor, optional
+        Where to write the result (shape, dtype and device of ``x``); it may be
+        ``x`` itself.
+    workspace : dict, optional
+        Scratch buffers kept between calls (see :func:`tv_prox`): pass the
+        same dict to successive calls on inputs of one shape, dtype and device.
 
     Returns
     -------
@@ -640,9 +675,12 @@ def pairwise_l1_prox(
             raise ValueError(
                 f"mask of shape {tuple(m.shape)} is not broadcastable to x shape {tuple(x.shape)}"
             ) from exc
+    _check_out(out, x)
     if n <= 1 or t_float == 0 or x.numel() == 0:
-        return x.clone()
-    moved = x.movedim(d, -1).contiguous()  # one row per slice: sorts and scatters are fastest along rows
+        return x.clone() if out is None else out.copy_(x)
+    moved = x.movedim(d, -1)  # one row per slice: sorts and scatters are fastest along rows
+    if not moved.is_contiguous():
+        moved = _scratch(workspace, "rows", moved.shape, x).copy_(moved)
     rows = moved.view(-1, n)
     keys = rows
     if mask is not None:
@@ -652,23 +690,29 @@ def pairwise_l1_prox(
         n_small = e.sum(-1, keepdim=True)  # entries per slice, at the mask's size
         count = n_small.expand(*moved.shape[:-1], 1).reshape(-1, 1)
         # absent entries sort last: the max with +inf there, and with -inf at the others
-        keys = torch.maximum(moved, e.mul(-2).add_(1).mul_(float("inf"))).view(-1, n)
-    xs, order = _sort_rows(keys)
-    xs = xs.to(acc)
+        sel = e.mul(-2).add_(1).mul_(float("inf"))
+        keys = torch.maximum(moved, sel, out=_scratch(workspace, "keys_in", moved.shape, x)).view(-1, n)
+    xs, order = _sort_rows(keys, workspace=workspace)
+    xs = _scratch(workspace, "sorted", xs.shape, x, acc).copy_(xs)
     if mask is not None:
         # in place of the +inf after the existing entries of a row (the min with finite values
         # above them all), padding above every entry by more than 2 t n, and 4 t apart: it is
         # its own (non-decreasing) regression and never pools with the entries
         big = 2 * (_max_abs(x.detach()) + 2 * t_float * n) + 1
         torch.minimum(xs, torch.arange(n, dtype=acc, device=x.device).mul_(4 * t_).add_(big), out=xs)
-    us = _isotonic_ramp(xs, t_)
+    us = _isotonic_ramp(xs, t_, workspace)
     if mask is not None:
         us -= t_ * (n - count).to(acc)
-    u = torch.empty_like(rows).scatter_(1, order, us.to(x.dtype)).view(moved.shape)
+    us = _scratch(workspace, "solution", us.shape, x).copy_(us)
+    u = _scratch(workspace, "unsorted", rows.shape, x).scatter_(1, order, us).view(moved.shape)
     if mask is not None:  # absent entries, and slices with one entry, are unchanged: u e + x (1 - e)
         e = e * (n_small > 1)
         u.mul_(e).addcmul_(moved, e.neg_().add_(1))
-    return u.movedim(-1, d).contiguous()
+    u = u.movedim(-1, d)
+    if out is not None:
+        return out.copy_(u)
+    # a new tensor: u may be the workspace's
+    return u.contiguous() if workspace is None else u.clone(memory_format=torch.contiguous_format)
 
 
 # ---------------------------------------------------------------------------
@@ -844,13 +888,7 @@ def tv_prox(
         return (u, x.new_zeros(n_e, n_rest)) if return_dual else u
 
     def buffer(name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        # a scratch tensor, from the workspace when it holds one of this shape, dtype and device
-        b = None if workspace is None else workspace.get(name)
-        if b is None or b.shape != shape or b.dtype != x.dtype or b.device != x.device:
-            b = torch.empty(shape, dtype=x.dtype, device=x.device)
-            if workspace is not None:
-                workspace[name] = b
-        return b
+        return _scratch(workspace, name, shape, x)
 
     if t_float == 0 or lh * lw == 1 or x.numel() == 0:
         return no_change()

@@ -300,7 +300,7 @@ def test_a_fitted_estimator_keeps_no_penalty_scratch_state():
 
 
 # ------------------------------------------------------------ NumPy sorts
-def _torch_sort_rows(x, indices=True):
+def _torch_sort_rows(x, indices=True, workspace=None):
     """The ``torch.sort`` path of ``_sort_rows`` (what other devices use), stable."""
     values, order = torch.sort(x.detach(), dim=-1, stable=True)
     return values, order if indices else None
@@ -425,3 +425,22 @@ def test_tv_l1_columns_stop_on_their_own(monkeypatch):
     for u in (warm, cold, alone, together):
         torch.testing.assert_close(u, ref, atol=1e-8, rtol=0)
     assert not torch.equal(warm, together)  # the columns were dropped: other iterates
+
+
+@pytest.mark.parametrize("dim", [0, -1])
+def test_pairwise_workspace_and_out_give_the_plain_result(dim):
+    g = _gen(25)
+    ws = {}
+    for _ in range(2):  # the second call reuses the buffers
+        x = torch.randn(30, 4, 30, generator=g)
+        mask = torch.rand(30, 1, 30, generator=g) < 0.8
+        plain = pairwise_l1_prox(x, 0.01, dim=dim, mask=mask)
+        kept = pairwise_l1_prox(x, 0.01, dim=dim, mask=mask, workspace=ws)
+        assert torch.equal(kept, plain) and ws
+        assert all(kept.data_ptr() != b.data_ptr() for b in ws.values())  # a new tensor, not a buffer
+        y = x.clone()
+        assert pairwise_l1_prox(y, 0.01, dim=dim, mask=mask, out=y, workspace=ws) is y
+        assert torch.equal(y, plain)
+    values, order = _sort_rows(x.view(-1, 30), workspace=ws)
+    assert torch.equal(values, torch.sort(x.view(-1, 30), dim=-1).values)
+    assert torch.equal(x.view(-1, 30).gather(1, order), values)
