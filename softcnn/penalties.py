@@ -652,7 +652,8 @@ class LocalityRings(_NonSmooth, _ProfiledPenalty):
         w = m.new_empty((L + 1, *m.shape))
         _raw_kernels(layer, out=w[:L]).mul_(_exists(layer, m.dtype))
         w[L] = m
-        _prox.nested_group_prox(w[..., :-1], _dev_step(layer, step), self._groups(layer), dim=-1, out=w[..., :-1])
+        t, groups = _dev_step(layer, step), self._groups(layer)
+        _prox.nested_group_prox(w[..., :-1], t, groups, dim=-1, out=w[..., :-1])
         _write_tied(layer, w[:L], w[L])
 
 

@@ -14,6 +14,9 @@ and all work is vectorised over the entries (Python loops run only over a
 small number of groups or iterations). ``t`` may be a Python number or a 0-d
 tensor. Inputs must be floating point (float32 and float64 are tested);
 :func:`pairwise_l1_prox` accumulates in float64 where the device supports it.
+The iterative and sorting operators (:func:`tv_prox`, :func:`pairwise_l1_prox`)
+also take a ``workspace`` dict that keeps their scratch buffers between calls of
+a fit: on CPU, fresh memory (page faults) costs more than the arithmetic.
 
 Functions
 ---------
@@ -149,7 +152,11 @@ def _check_out(out: torch.Tensor | None, x: torch.Tensor) -> None:
 
 
 def _scratch(
-    workspace: dict | None, name: str, shape: Sequence[int], like: torch.Tensor, dtype: torch.dtype | None = None
+    workspace: dict | None,
+    name: str,
+    shape: Sequence[int],
+    like: torch.Tensor,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """An uninitialised tensor (device of ``like``, its dtype unless ``dtype``), kept in
     ``workspace`` under ``name`` when one is given, and reused while it fits: on CPU, fresh
@@ -374,7 +381,8 @@ def nested_group_prox(
     for n, thr_n in enumerate(thr.unbind()):
         norm = torch.addcmul(ring_sq[n], shrunk, shrunk).sqrt_()
         # 1 - thr / norm where norm > thr, else 0 (a zero norm's inf or nan is not selected)
-        alpha = torch.where(norm > thr_n, torch.div(thr_n, norm).neg_().add_(1), zero, out=alphas[n_groups - n])
+        alpha = torch.div(thr_n, norm).neg_().add_(1)
+        alpha = torch.where(norm > thr_n, alpha, zero, out=alphas[n_groups - n])
         shrunk = norm.mul_(alpha)
     torch.index_select(alphas.cumprod_(0).T, -1, n_groups - ring, out=flat)
     res = buf if out is None else out.movedim(d, -1)
@@ -969,7 +977,9 @@ def tv_prox(
         tau_next = (1 + math.sqrt(1 + 4 * tau * tau)) / 2
         # restart the momentum when the step goes against the gradient mapping, (y - z).diff > 0;
         # it cannot when y was the previous iterate (whose buffer now holds diff)
-        restart = y is not new and bool(torch.dot(y.view(-1), diff.view(-1)) > torch.dot(z.view(-1), diff.view(-1)))
+        restart = y is not new and bool(
+            torch.dot(y.view(-1), diff.view(-1)) > torch.dot(z.view(-1), diff.view(-1))
+        )
         beta, tau = (0.0, 1.0) if restart else ((tau - 1) / tau_next, tau_next)
         if beta == 0.0:
             y = z

@@ -1,8 +1,9 @@
 """The fast paths of the penalties and proxes give the results of the plain computations.
 
-Warm-started TV, the closed-form nested prox, the small-step TL1 series, the masked (batched)
-pairwise prox, ``out=`` writes, and the per-layer caches of the penalty objects (never shared
-between layers, dropped by copies and pickles).
+Warm-started TV (and its columns that stop on their own), the closed-form nested prox, the
+small-step TL1 series, the masked (batched) pairwise prox and its NumPy sorts, ``out=`` writes
+and workspaces, and the per-layer caches of the penalty objects (never shared between layers,
+dropped by copies and pickles).
 """
 
 import copy
@@ -29,8 +30,8 @@ from softcnn.penalties import (
     ring_groups,
 )
 from softcnn.prox import (
-    nested_group_prox,
     _sort_rows,
+    nested_group_prox,
     pairwise_l1_prox,
     soft_threshold,
     tl1_prox,
@@ -355,7 +356,7 @@ def test_pairwise_prox_numpy_sort_equals_torch_sort(dtype, monkeypatch):
 def test_tying_l1_all_float32_value_gradient_and_cached_coefficients():
     layer = random_layer(22, support=5, image=(4, 5), channels=(2, 2), k=3).float()
     pen = TyingL1All()
-    ref, value = reference_l1_all(layer)
+    _, value = reference_l1_all(layer)
     assert float(pen.layer_value(layer).detach()) == pytest.approx(value, rel=1e-5)
     with torch.no_grad():  # the values-only sort
         assert float(pen.layer_value(layer)) == pytest.approx(value, rel=1e-5)
