@@ -377,17 +377,18 @@ def nested_group_prox(
     alphas = torch.empty_like(ring_sq)
     alphas[0] = 1
     shrunk = torch.zeros_like(ring_sq[0])  # norm of G_{n-1} after its step
-    zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    for n, thr_n in enumerate(thr.unbind()):
+    for n, (thr_n, thr_float) in enumerate(zip(thr.unbind(), thr.tolist())):
         norm = torch.addcmul(ring_sq[n], shrunk, shrunk).sqrt_()
-        # 1 - thr / norm where norm > thr, else 0 (a zero norm's inf or nan is not selected)
-        alpha = torch.div(thr_n, norm).neg_().add_(1)
-        alpha = torch.where(norm > thr_n, alpha, zero, out=alphas[n_groups - n])
+        alpha = alphas[n_groups - n]
+        if thr_float == 0:
+            alpha.fill_(1)
+        else:  # max(0, 1 - thr / norm) as (norm - thr) / norm: <= 0 exactly when norm <= thr
+            torch.sub(norm, thr_n, out=alpha).div_(norm).clamp_min_(0)
         shrunk = norm.mul_(alpha)
     torch.index_select(alphas.cumprod_(0).T, -1, n_groups - ring, out=flat)
     res = buf if out is None else out.movedim(d, -1)
     # 0 + x * scale: exact zeros are +0, as in the single-group operators
-    torch.addcmul(zero, xm, buf, out=res)
+    torch.addcmul(torch.zeros((), dtype=x.dtype, device=x.device), xm, buf, out=res)
     return res.movedim(-1, d) if out is None else out
 
 
@@ -965,7 +966,7 @@ def tv_prox(
         z, new = new, diff
         done = None
         if it < 10 or it % 10 == 9 or full is not None:
-            if kind == "group":
+            if kind == "group" or cols.numel() < _MIN_DROP:  # (too few columns left to drop any)
                 if _max_abs(diff) <= stop:
                     break
             else:
@@ -974,10 +975,28 @@ def tv_prox(
                 n_done = int(done.sum())
                 if n_done == cols.numel():
                     break
+        no_restart = y is new  # y was the previous iterate (its buffer now holds diff)
+        if done is not None and n_done >= max(cols.numel() // 2, _MIN_DROP):
+            # most columns are done (after a warm start, all but a few dozen of hundreds): the
+            # others go on alone, on copies of their columns, from the momentum step on
+            if full is None:
+                full = z  # z's buffer is left to the whole dual
+            else:
+                full[:, cols] = z
+            left = (~done).nonzero().squeeze(1)
+            cols = cols[left]
+            y = ybuf = None if no_restart else y.index_select(1, left)
+            z, diff, Xa = z.index_select(1, left), diff.index_select(1, left), Xa.index_select(2, left)
+            new, g, ra = torch.empty_like(z), torch.empty_like(z), torch.empty_like(Xa)
+            if edge_mask is not None:  # the bounds of the columns left
+                at = torch.unravel_index(cols, rest)
+                at = (slice(None),) + tuple(i if s > 1 else torch.zeros_like(i) for i, s in zip(at, m_rest))
+                hi = box[at]
+                lo = -hi
+            view = (cols.numel(),)
         tau_next = (1 + math.sqrt(1 + 4 * tau * tau)) / 2
-        # restart the momentum when the step goes against the gradient mapping, (y - z).diff > 0;
-        # it cannot when y was the previous iterate (whose buffer now holds diff)
-        restart = y is not new and bool(
+        # restart the momentum when the step goes against the gradient mapping, (y - z).diff > 0
+        restart = not no_restart and bool(
             torch.dot(y.view(-1), diff.view(-1)) > torch.dot(z.view(-1), diff.view(-1))
         )
         beta, tau = (0.0, 1.0) if restart else ((tau - 1) / tau_next, tau_next)
@@ -987,25 +1006,6 @@ def tv_prox(
             if ybuf is None:  # (the workspace keeps buffers of the whole dual only)
                 ybuf = buffer("y", z.shape) if full is None else torch.empty_like(z)
             y = torch.add(z, diff, alpha=beta, out=ybuf)
-        if done is not None and n_done >= max(cols.numel() // 2, _MIN_DROP):
-            # most columns are done (after a warm start, all but a few dozen of hundreds): the
-            # others go on alone, on copies of their columns
-            if full is None:
-                full = z  # z's buffer is left to the whole dual
-            else:
-                full[:, cols] = z
-            left = (~done).nonzero().squeeze(1)
-            cols = cols[left]
-            zc, Xa = z.index_select(1, left), Xa.index_select(2, left)
-            y = zc if y is z else y.index_select(1, left)
-            z, new, g, ra = zc, torch.empty_like(zc), torch.empty_like(zc), torch.empty_like(Xa)
-            ybuf = None if y is z else y
-            if edge_mask is not None:  # the bounds of the columns left
-                at = torch.unravel_index(cols, rest)
-                at = (slice(None),) + tuple(i if s > 1 else torch.zeros_like(i) for i, s in zip(at, m_rest))
-                hi = box[at]
-                lo = -hi
-            view = (cols.numel(),)
     if full is not None:
         full[:, cols] = z
         z = full

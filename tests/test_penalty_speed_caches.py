@@ -132,10 +132,11 @@ def composed_nested(x, t, groups, weights):
 
 
 @pytest.mark.parametrize("t", [0.05, 0.5, 3.0])
-def test_nested_closed_form_equals_the_composition(t):
+@pytest.mark.parametrize("weights", [[1.0, 0.5, 2.0], [1.0, 0.0, 2.0]])  # a free group too
+def test_nested_closed_form_equals_the_composition(t, weights):
     g = _gen(4)
     groups = torch.tensor([[1, 0, 0, 0, 0, 0], [1, 0, 1, 0, 0, 0], [1, 1, 1, 0, 1, 0]], dtype=torch.bool)
-    weights = torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64)
+    weights = torch.tensor(weights, dtype=torch.float64)
     x = torch.randn(7, 3, 6, dtype=torch.float64, generator=g)
     x[0, 0] = 0.0
     ref = composed_nested(x, t, groups, weights)
