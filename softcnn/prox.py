@@ -785,10 +785,11 @@ def tv_prox(
         Starting point of the dual iterations (warm start), typically the
         ``dual`` returned by a call on a nearby ``x``: ``E = Lh (Lw - 1) +
         (Lh - 1) Lw`` edges (the horizontal pairs, then the vertical ones,
-        each row-major) and ``R = prod(rest)``. It is projected onto the
-        feasible set of this call (radius ``t``, ``mask``) first, so any
-        tensor of that shape is a valid start; it is not modified (unless it
-        is the dual kept in ``workspace``). ``None`` starts from 0.
+        each row-major) and ``R = prod(rest)``. Any tensor of that shape is a
+        valid start: the first iterate is projected onto the feasible set of
+        this call (radius ``t``, ``mask``), with no momentum before it. It is
+        not modified (unless it is the dual kept in ``workspace``). ``None``
+        starts from 0.
     return_dual : bool, default False
         Also return the final dual iterate, to warm-start a later call.
     out : torch.Tensor, optional
@@ -828,7 +829,7 @@ def tv_prox(
     (Beck & Teboulle 2009) with projected gradient steps of size
     :math:`1/8 \\le 1/\\|D\\|^2` (a 2-D grid difference operator has
     :math:`\\|D\\|^2 \\le 8`) and the gradient-based adaptive restart of
-    O'Donoghue & Candes (2015), from 0 or from the projected ``dual``. The
+    O'Donoghue & Candes (2015), from 0 or from ``dual``. The
     returned ``u = x - D^T z`` for the last (feasible) dual iterate; the
     primal error satisfies :math:`\\|u - u^\\star\\|^2 \\le 2 (F(z) - F^\\star)`
     where ``F`` is the dual objective, which FISTA drives to 0 at rate
@@ -952,7 +953,9 @@ def tv_prox(
     z, new = buffer("z", (n_e, n_rest)), buffer("new", (n_e, n_rest))
     if dual is not None and dual.data_ptr() == new.data_ptr():
         z, new = new, z
-    z = z.zero_() if dual is None else project_(z.copy_(dual))
+    # no projection of the start: the first iterate is projected, and there is no momentum before
+    # it (the usual start, the last call's dual, is feasible already)
+    z = z.zero_() if dual is None else z.copy_(dual)
     # y is z itself while there is no momentum (at first, and after a restart)
     y, ybuf, g, ra = z, None, buffer("g", z.shape), buffer("r", X.shape)
     full = None  # the whole dual, once columns have been dropped from z

@@ -389,12 +389,12 @@ def test_tv_workspace_and_out_give_the_plain_result(kind):
     x = torch.randn(20, 3, 4, dtype=torch.float64, generator=g)
     mask = torch.rand(20, 1, 4, generator=g) < 0.8  # kept at its own size along rest
     ws, dual_ws, dual = {}, None, None
-    for step in range(3):  # successive calls, each warm-started from the last dual
+    for t in (0.2, 0.2, 0.1):  # successive calls, each warm-started from the last dual
         x = x + 0.05 * torch.randn(x.shape, dtype=x.dtype, generator=g)
-        u, dual = tv_prox(x, 0.2, (4, 5), kind=kind, mask=mask, dual=dual, return_dual=True)
+        u, dual = tv_prox(x, t, (4, 5), kind=kind, mask=mask, dual=dual, return_dual=True)
         y = x.clone()
-        v, dual_ws = tv_prox(y, 0.2, (4, 5), kind=kind, mask=mask, dual=dual_ws, return_dual=True,
-                             out=y, workspace=ws)
+        v, dual_ws = tv_prox(y, t, (4, 5), kind=kind, mask=mask, dual=dual_ws, return_dual=True, out=y,
+                             workspace=ws)
         assert v.data_ptr() == y.data_ptr()  # written to out, here x itself
         assert torch.equal(v, u) and torch.equal(dual_ws, dual)  # the same iterates
         assert any(dual_ws.data_ptr() == b.data_ptr() for b in ws.values())  # the dual is kept there
