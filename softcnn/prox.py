@@ -931,21 +931,30 @@ def tv_prox(
         # the box of radius t, of radius 0 on masked edges: one clamp projects and masks
         hi = box = t_ if edge_mask is None else torch.where(edge_mask, t_, torch.zeros_like(t_))
         lo = -hi
+        keep = None
 
         def project_(z: torch.Tensor) -> torch.Tensor:
             z.view(n_e, *view).clamp_(lo, hi)
             return z
 
     else:
+        # masked edges stay 0 (the start is masked, and the gradient steps are 0 there), so the
+        # projection onto the balls need not mask
         keep = None if edge_mask is None else edge_mask.to(x.dtype)
 
         def project_(z: torch.Tensor) -> torch.Tensor:
-            if keep is not None:
-                z.view(n_e, *view).mul_(keep)
             norm = torch.linalg.vector_norm(z, dim=-1, keepdim=True)
             return z.mul_(t_ / torch.maximum(norm, t_))
 
     step = 1.0 / 8.0
+
+    def ascend(y: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        # out = y + step g, with steps of 0 on the edges that keep (if any) masks
+        if keep is None:
+            return torch.add(y, g, alpha=step, out=out)
+        torch.addcmul(y.view(n_e, *view), g.view(n_e, *view), keep * step, out=out.view(n_e, *view))
+        return out
+
     # below the round-off of one update (step times an ulp of max|x|) the change is noise
     stop = max(tol, step * torch.finfo(x.dtype).eps) * x_scale
     # z and new swap at every iteration: the dual handed back may be either, and is read here
@@ -956,6 +965,8 @@ def tv_prox(
     # no projection of the start: the first iterate is projected, and there is no momentum before
     # it (the usual start, the last call's dual, is feasible already)
     z = z.zero_() if dual is None else z.copy_(dual)
+    if kind == "group" and keep is not None and dual is not None:
+        z.view(n_e, *view).mul_(keep)
     # y is z itself while there is no momentum (at first, and after a restart)
     y, ybuf, g, ra = z, None, buffer("g", z.shape), buffer("r", X.shape)
     full = None  # the whole dual, once columns have been dropped from z
@@ -964,7 +975,7 @@ def tv_prox(
     tau = 1.0
     for it in range(int(n_iter)):
         grad(residual(y, Xa, ra), g)
-        project_(torch.add(y, g, alpha=step, out=new))
+        project_(ascend(y, g, new))
         diff = torch.sub(new, z, out=z)  # z's buffer is free: new holds the next iterate
         z, new = new, diff
         done = None
