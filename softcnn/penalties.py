@@ -239,8 +239,13 @@ def _write_deviations(layer: SoftConv2d, d_new: torch.Tensor) -> None:
     as full-size temporaries and boolean selections cost more than the arithmetic. The
     selection ``d * (1 - e) + d_new * e`` with ``e`` in {0, 1} is exact for finite values.
     """
-    exists = _exists(layer, d_new.dtype)
-    layer.deviation.mul_(1 - exists).addcmul_(d_new.div_(layer.deviation_scale), exists)
+    _store_raw(layer, d_new.div_(layer.deviation_scale))
+
+
+def _store_raw(layer: SoftConv2d, raw: torch.Tensor) -> None:
+    """``deviation = raw`` at existing offsets, in two passes (see :func:`_write_deviations`)."""
+    exists = _exists(layer, raw.dtype)
+    layer.deviation.mul_(1 - exists).addcmul_(raw, exists)
 
 
 def _exists(layer: SoftConv2d, dtype: torch.dtype) -> torch.Tensor:
@@ -251,9 +256,12 @@ def _exists(layer: SoftConv2d, dtype: torch.dtype) -> torch.Tensor:
 def _write_kernels(layer: SoftConv2d, w_new: torch.Tensor) -> None:
     """Store new effective kernels at existing offsets through ``d = w - m`` (``m`` is kept).
 
-    ``w_new`` is overwritten (see :func:`_write_deviations`).
+    ``w_new`` is overwritten (see :func:`_write_deviations`). The raw deviation ``(w - m) / c``
+    is computed in one pass as ``w / c - m / c``: the same numbers for the power-of-two scales
+    of proximal fits, and exactly 0 where ``w = m``.
     """
-    _write_deviations(layer, w_new.sub_(layer.shared_kernel()))
+    c = layer.deviation_scale
+    _store_raw(layer, torch.addcdiv(-(layer.shared_kernel() / c), w_new, c, out=w_new))
 
 
 def _write_tied(layer: SoftConv2d, w_new: torch.Tensor, m_new: torch.Tensor) -> None:

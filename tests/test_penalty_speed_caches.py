@@ -446,3 +446,34 @@ def test_pairwise_workspace_and_out_give_the_plain_result(dim):
     values, order = _sort_rows(x.view(-1, 30), workspace=ws)
     assert torch.equal(values, torch.sort(x.view(-1, 30), dim=-1).values)
     assert torch.equal(x.view(-1, 30).gather(1, order), values)
+
+
+@pytest.mark.parametrize(("pen", "step"), [(LocalityRings(), 0.1), (LocalityFullRings(), 0.15),
+                                          (SparsityTL1(), 0.05), (TyingL1All(), 25.0)],
+                         ids=["rings", "full_rings", "tl1", "l1_all"])
+@pytest.mark.parametrize("c_d", [4.0, 3.0])
+def test_kernel_writes_keep_ties_and_zeros_exact(pen, step, c_d):
+    """``d = w / c - m / c``: tied positions stay tied for any scale (tl1; the rings' norms come
+    from a matrix product, whose rounding may differ between equal rows), and zeros (ties between
+    positions for l1/all) are exact for the power-of-two scales of proximal fits."""
+    layer = random_layer(26, support=5, image=(7, 7), channels=(2, 3), k=3)
+    layer.set_scales(torch.full_like(layer.shared_scale, 0.5), torch.full_like(layer.deviation_scale, c_d))
+    tied = layer.mask.all(1)  # positions tied to m (a kernel cut by the border is not m's)
+    assert 0 < int(tied.sum()) < layer.n_positions
+    with torch.no_grad():
+        layer.deviation[tied] = 0.0
+        layer.deviation.mul_(0.1)
+    # steps where some groups and weights vanish, not all nor m's (c_d = 4), or where l1/all
+    # pools all positions
+    pen.prox(layer, step * layer.n_positions)
+    ex = layer.mask.unsqueeze(1).expand_as(layer.deviation)
+    if isinstance(pen, SparsityTL1):
+        assert torch.equal(layer.deviation[tied], torch.zeros_like(layer.deviation[tied]))
+    if c_d == 4.0 and isinstance(pen, TyingL1All):  # a strong step pools all positions: one value
+        w = layer.kernels().detach()
+        for f, k in np.ndindex(w.shape[1:]):
+            assert len(set(w[layer.mask[:, k], f, k].tolist())) == 1
+    elif c_d == 4.0:
+        w = layer.kernels().detach()[ex]
+        assert (w == 0).sum() > w.numel() // 10  # many exact zeros, not round-off
+        assert (w != 0).sum() > w.numel() // 10 and (layer.shared_kernel()[:, :-1] != 0).any()
