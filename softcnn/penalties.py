@@ -643,6 +643,12 @@ class LocalityRings(_NonSmooth, _ProfiledPenalty):
 
         return self._cached(layer, "ring_groups", build)
 
+    def _rings(self, layer):
+        """The number of groups and the ring of each weight (:func:`softcnn.prox.nested_group_prox`'s
+        first group holding it); cached per layer."""
+        groups = self._groups(layer)
+        return self._cached(layer, "rings", lambda: (groups.shape[0], _prox._feature_rings(groups)))
+
     def layer_value(self, layer):
         w = layer.kernels()[..., :-1]
         groups = self._groups(layer)
@@ -660,8 +666,9 @@ class LocalityRings(_NonSmooth, _ProfiledPenalty):
         w = m.new_empty((L + 1, *m.shape))
         _raw_kernels(layer, out=w[:L]).mul_(_exists(layer, m.dtype))
         w[L] = m
-        t, groups = _dev_step(layer, step), self._groups(layer)
-        _prox.nested_group_prox(w[..., :-1], t, groups, dim=-1, out=w[..., :-1])
+        # nested_group_prox from the cached rings (nested by construction: no checks)
+        n_groups, ring = self._rings(layer)
+        _prox._nested_prox_by_ring(w[..., :-1], [_dev_step(layer, step)] * n_groups, ring, -1, w[..., :-1])
         _write_tied(layer, w[:L], w[L])
 
 

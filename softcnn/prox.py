@@ -364,12 +364,23 @@ def nested_group_prox(
     if n_groups == 0 or x.numel() == 0:
         return x.clone() if out is None else out.copy_(x)
     thr = t_.expand(n_groups) if w is None else t_ * w
-    # ring of each feature: the first group holding it (n_groups: in none, never scaled)
-    ring = torch.where(g.any(0), g.to(torch.uint8).argmax(0), n_groups)
-    xm = x.movedim(d, -1)
+    return _nested_prox_by_ring(x, thr.tolist(), _feature_rings(g), d, out)
+
+
+def _feature_rings(groups: torch.Tensor) -> torch.Tensor:
+    """The ring of each feature of nested ``groups`` ``(N, M)``: the first group holding it (N: none)."""
+    return torch.where(groups.any(0), groups.to(torch.uint8).argmax(0), groups.shape[0])
+
+
+def _nested_prox_by_ring(
+    x: torch.Tensor, thr: list[float], ring: torch.Tensor, dim: int, out: torch.Tensor | None
+) -> torch.Tensor:
+    """:func:`nested_group_prox` from the thresholds ``t w_n`` and :func:`_feature_rings`, unchecked."""
+    n_groups = len(thr)
+    xm = x.movedim(dim, -1)
     # the only full-size temporary: the squares, then each entry's scale
     buf = torch.empty(xm.shape, dtype=x.dtype, device=x.device)
-    flat = torch.mul(xm, xm, out=buf).view(-1, g.shape[1])
+    flat = torch.mul(xm, xm, out=buf).view(-1, ring.numel())
     member = torch.nn.functional.one_hot(ring, n_groups + 1).to(x.dtype)
     ring_sq = member.T @ flat.T  # (N + 1, slices): the fast orientation, and contiguous rows
     # row N - n holds alpha_n after a leading row of 1: the cumulative product at row N - j is the
@@ -377,19 +388,20 @@ def nested_group_prox(
     alphas = torch.empty_like(ring_sq)
     alphas[0] = 1
     shrunk = torch.zeros_like(ring_sq[0])  # norm of G_{n-1} after its step
-    for n, (thr_n, thr_float) in enumerate(zip(thr.unbind(), thr.tolist())):
-        norm = torch.addcmul(ring_sq[n], shrunk, shrunk).sqrt_()
-        alpha = alphas[n_groups - n]
-        if thr_float == 0:
+    alpha_rows = alphas.unbind()
+    for n, (sq, thr_n) in enumerate(zip(ring_sq.unbind(), thr)):
+        norm = torch.addcmul(sq, shrunk, shrunk).sqrt_()
+        alpha = alpha_rows[n_groups - n]
+        if thr_n == 0:
             alpha.fill_(1)
         else:  # max(0, 1 - thr / norm) as (norm - thr) / norm: <= 0 exactly when norm <= thr
             torch.sub(norm, thr_n, out=alpha).div_(norm).clamp_min_(0)
         shrunk = norm.mul_(alpha)
     torch.index_select(alphas.cumprod_(0).T, -1, n_groups - ring, out=flat)
-    res = buf if out is None else out.movedim(d, -1)
+    res = buf if out is None else out.movedim(dim, -1)
     # 0 + x * scale: exact zeros are +0, as in the single-group operators
     torch.addcmul(torch.zeros((), dtype=x.dtype, device=x.device), xm, buf, out=res)
-    return res.movedim(-1, d) if out is None else out
+    return res.movedim(-1, dim) if out is None else out
 
 
 def _sort_rows(

@@ -163,6 +163,9 @@ def test_rings_value_and_cached_groups(pen_cls):
         ref = sum(torch.linalg.vector_norm(w[..., row], dim=-1).sum() for row in groups)
         torch.testing.assert_close(pen.layer_value(layer), ref)
         assert torch.equal(pen._groups(layer), groups)  # the cache holds this layer's groups
+        n_groups, ring = pen._rings(layer)  # and each weight's first group (n_groups: none)
+        first = [next((n for n in range(len(groups)) if groups[n, j]), len(groups)) for j in range(groups.shape[1])]
+        assert n_groups == len(groups) and ring.tolist() == first
     # the value's gradient is finite at zero groups (like a norm's)
     z = random_layer(5, support=5, image=(4, 4), channels=(2, 2), k=3)
     with torch.no_grad():
