@@ -178,15 +178,57 @@ class Penalty(ABC):
 
 
 # --------------------------------------------------------------------- tying
+def _grid(layer: SoftConv2d):
+    """The deviations on the position grid, ``(Lh, Lw, F, K)``, and the 0/1 masks of the offsets
+    existing at both ends of the vertical and of the horizontal 4-neighbour pairs."""
+    Lh, Lw = layer.output_shape
+    d = layer.deviations().reshape(Lh, Lw, *layer.deviation.shape[1:])
+    m = layer.mask.reshape(Lh, Lw, 1, -1).to(d.dtype)  # 0/1: multiplying beats boolean ops
+    return d, m[1:] * m[:-1], m[:, 1:] * m[:, :-1]
+
+
 def _grid_differences(layer: SoftConv2d):
     """Deviation differences between 4-neighbour positions and the 0/1 masks of offsets existing at both."""
-    Lh, Lw = layer.output_shape
-    d = layer.deviations().reshape(Lh, Lw, *layer.deviation.shape[1:])  # (Lh, Lw, F, K)
-    m = layer.mask.reshape(Lh, Lw, 1, -1).to(d.dtype)  # 0/1: multiplying beats boolean ops
-    return [
-        (d[1:] - d[:-1], m[1:] * m[:-1]),
-        (d[:, 1:] - d[:, :-1], m[:, 1:] * m[:, :-1]),
-    ]
+    d, m_v, m_h = _grid(layer)
+    return [(d[1:] - d[:-1], m_v), (d[:, 1:] - d[:, :-1], m_h)]
+
+
+def _diff_adjoint(diff: torch.Tensor, dim: int) -> torch.Tensor:
+    """``D^T diff`` for the differences ``diff = x[1:] - x[:-1]`` along ``dim``: the shape of ``x``."""
+    n = diff.shape[dim]
+    if n == 0:
+        return diff.new_zeros(diff.shape[:dim] + (1,) + diff.shape[dim + 1 :])
+    inner = diff.narrow(dim, 0, n - 1) - diff.narrow(dim, 1, n - 1)
+    return torch.cat([-diff.narrow(dim, 0, 1), inner, diff.narrow(dim, n - 1, 1)], dim)
+
+
+class _GridSquares(torch.autograd.Function):
+    """``Σ ‖m_pq (d_q - d_p)‖²`` over the 4-neighbour pairs, from :func:`_grid`.
+
+    Its backward, ``2 D^T`` of the masked differences (``m² = m``), is written out: autograd's,
+    through the slices, fills a full-size zero tensor for each. It also returns the masked
+    differences (not differentiable), which the backward keeps.
+    """
+
+    generate_vmap_rule = True  # for torch.func.vmap (softcnn.batched)
+
+    @staticmethod
+    def forward(d, m_v, m_h):
+        dv = torch.sub(d[1:], d[:-1]).mul_(m_v)
+        dh = torch.sub(d[:, 1:], d[:, :-1]).mul_(m_h)
+        return torch.dot(dv.view(-1), dv.view(-1)) + torch.dot(dh.view(-1), dh.view(-1)), dv, dh
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, dv, dh = output
+        ctx.mark_non_differentiable(dv, dh)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(dv, dh)
+
+    @staticmethod
+    def backward(ctx, grad, grad_dv, grad_dh):
+        dv, dh = ctx.saved_tensors
+        return (_diff_adjoint(dv, 0) + _diff_adjoint(dh, 1)) * (2 * grad), None, None
 
 
 @register("tying", "l2", "mean")
@@ -213,7 +255,7 @@ class TyingL2Grid(Penalty):
     """
 
     def layer_value(self, layer):
-        return sum((diff * m).pow(2).sum() for diff, m in _grid_differences(layer))
+        return _GridSquares.apply(*_grid(layer))[0]
 
     def curvature(self, layer):
         return 0.0, 8.0  # largest eigenvalue of twice the grid Laplacian

@@ -2,8 +2,8 @@
 
 Warm-started TV (and its columns that stop on their own), the closed-form nested prox, the
 small-step TL1 series, the masked (batched) pairwise prox and its NumPy sorts, ``out=`` writes
-and workspaces, and the per-layer caches of the penalty objects (never shared between layers,
-dropped by copies and pickles).
+and workspaces, the written-out backward of the l2 grid penalty, and the per-layer caches of the
+penalty objects (never shared between layers, dropped by copies and pickles).
 """
 
 import copy
@@ -27,6 +27,7 @@ from softcnn.penalties import (
     TyingGroupGrid,
     TyingL1All,
     TyingL1Grid,
+    TyingL2Grid,
     ring_groups,
 )
 from softcnn.prox import (
@@ -480,3 +481,53 @@ def test_kernel_writes_keep_ties_and_zeros_exact(pen, step, c_d):
         w = layer.kernels().detach()[ex]
         assert (w == 0).sum() > w.numel() // 10  # many exact zeros, not round-off
         assert (w != 0).sum() > w.numel() // 10 and (layer.shared_kernel()[:, :-1] != 0).any()
+
+
+# ------------------------------------------------------------ l2 grid
+def _plain_l2_grid(layer):
+    """Σ ((d_q - d_p) m_pq)² through autograd's own slicing (the previous formulation)."""
+    from softcnn.penalties import _grid_differences
+
+    return sum((diff * m).pow(2).sum() for diff, m in _grid_differences(layer))
+
+
+@pytest.mark.parametrize("image", [(4, 4), (1, 6), (6, 1), (5, 3)])
+def test_tying_l2_grid_written_out_backward_is_autograds(image):
+    layer = random_layer(27, support=5, image=image, channels=(2, 2), k=3)
+    value = TyingL2Grid().layer_value(layer)
+    value.backward()
+    grad = layer.deviation.grad.clone()
+    layer.deviation.grad = None
+    plain = _plain_l2_grid(layer)
+    plain.backward()
+    assert float(value.detach()) == pytest.approx(float(plain.detach()), rel=1e-12) and float(plain.detach()) > 0
+    torch.testing.assert_close(grad, layer.deviation.grad, atol=1e-12, rtol=0)
+    assert grad.abs().max() > 0
+
+
+def test_tying_l2_grid_under_vmap():
+    """softcnn.batched evaluates smooth penalties with torch.func.vmap(grad_and_value(...))."""
+    from torch.func import functional_call, grad_and_value, vmap
+
+    class Value(torch.nn.Module):
+        def __init__(self, layer):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self):
+            return TyingL2Grid().layer_value(self.layer)
+
+    module = Value(random_layer(28))
+    devs = torch.stack([s * module.layer.deviation.detach() for s in (1.0, -0.5, 2.0)])
+
+    def value(dev):
+        return functional_call(module, {"layer.deviation": dev}, ())
+
+    grads, values = vmap(grad_and_value(value))(devs)
+    for k, dev in enumerate(devs):
+        d = dev.clone().requires_grad_(True)
+        v = value(d)
+        v.backward()
+        assert float(values[k]) == pytest.approx(float(v.detach()), rel=1e-12)
+        torch.testing.assert_close(grads[k], d.grad, atol=1e-12, rtol=0)
+    assert not torch.allclose(grads[0], grads[2])
