@@ -389,7 +389,7 @@ def _nested_prox_by_ring(
     alphas[0] = 1
     shrunk = torch.zeros_like(ring_sq[0])  # norm of G_{n-1} after its step
     alpha_rows = alphas.unbind()
-    for n, (sq, thr_n) in enumerate(zip(ring_sq.unbind(), thr)):
+    for n, (sq, thr_n) in enumerate(zip(ring_sq.unbind()[:n_groups], thr, strict=True)):
         norm = torch.addcmul(sq, shrunk, shrunk).sqrt_()
         alpha = alpha_rows[n_groups - n]
         if thr_n == 0:
@@ -1015,9 +1015,9 @@ def tv_prox(
             z, diff, Xa = z.index_select(1, left), diff.index_select(1, left), Xa.index_select(2, left)
             new, g, ra = torch.empty_like(z), torch.empty_like(z), torch.empty_like(Xa)
             if edge_mask is not None:  # the bounds of the columns left
-                at = torch.unravel_index(cols, rest)
-                at = (slice(None),) + tuple(i if s > 1 else torch.zeros_like(i) for i, s in zip(at, m_rest))
-                hi = box[at]
+                at = torch.unravel_index(cols, rest)  # (index 0 where the mask broadcasts)
+                at = [i if s > 1 else torch.zeros_like(i) for i, s in zip(at, m_rest, strict=True)]
+                hi = box[(slice(None), *at)]
                 lo = -hi
             view = (cols.numel(),)
         tau_next = (1 + math.sqrt(1 + 4 * tau * tau)) / 2

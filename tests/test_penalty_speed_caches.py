@@ -165,7 +165,7 @@ def test_rings_value_and_cached_groups(pen_cls):
         torch.testing.assert_close(pen.layer_value(layer), ref)
         assert torch.equal(pen._groups(layer), groups)  # the cache holds this layer's groups
         n_groups, ring = pen._rings(layer)  # and each weight's first group (n_groups: none)
-        first = [next((n for n in range(len(groups)) if groups[n, j]), len(groups)) for j in range(groups.shape[1])]
+        first = [next((n for n in range(len(groups)) if groups[n, j]), len(groups)) for j in range(ring.numel())]
         assert n_groups == len(groups) and ring.tolist() == first
     # the value's gradient is finite at zero groups (like a norm's)
     z = random_layer(5, support=5, image=(4, 4), channels=(2, 2), k=3)
@@ -353,7 +353,7 @@ def test_pairwise_prox_numpy_sort_equals_torch_sort(dtype, monkeypatch):
     fast += [pairwise_l1_prox(x, t, dim=1) for t in ts]
     monkeypatch.setattr(softcnn.prox, "_sort_rows", _torch_sort_rows)
     ref = [pairwise_l1_prox(x, t, dim=0, mask=mask) for t in ts] + [pairwise_l1_prox(x, t, dim=1) for t in ts]
-    for a, b in zip(fast, ref):
+    for a, b in zip(fast, ref, strict=True):
         assert torch.equal(a, b)
     assert not torch.equal(fast[0], fast[-1])
 
@@ -500,7 +500,8 @@ def test_tying_l2_grid_written_out_backward_is_autograds(image):
     layer.deviation.grad = None
     plain = _plain_l2_grid(layer)
     plain.backward()
-    assert float(value.detach()) == pytest.approx(float(plain.detach()), rel=1e-12) and float(plain.detach()) > 0
+    value, plain = float(value.detach()), float(plain.detach())
+    assert value == pytest.approx(plain, rel=1e-12) and plain > 0
     torch.testing.assert_close(grad, layer.deviation.grad, atol=1e-12, rtol=0)
     assert grad.abs().max() > 0
 
