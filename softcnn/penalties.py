@@ -799,7 +799,7 @@ class _Elementwise(_NonSmooth):
     def prox_net(self, net, step):
         super().prox_net(net, step)
         for lin in net.linear_layers:  # not averaged over positions: the raw step
-            lin.weight.copy_(self.elementwise_prox(lin.weight, step))
+            self.elementwise_prox(lin.weight, step, out=lin.weight)
 
 
 @register("sparsity", "l1")

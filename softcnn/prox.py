@@ -1128,12 +1128,12 @@ def tl1_prox(x: torch.Tensor, t: Scalar, a: Scalar, *, out: torch.Tensor | None 
     mag = x.abs()
     keep = torch.sub(mag, thr).clamp_min_(0).sign_()
     r = torch.add(mag, a_float).reciprocal_()  # 1 / s
-    corr = torch.mul(r, r)
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
     if n_terms is None:
-        corr.mul_(r).mul_(27 * c / 4).clamp_(max=1)  # q
+        corr = torch.mul(r, r).mul_(r).mul_(27 * c / 4).clamp_(max=1)  # q
         corr.sqrt_().asin_().div_(3).sin_().square_().div_(r).mul_(4 / 3)  # (4/3) s sin^2(phi / 6)
     else:
-        corr.mul_(c)  # c / s^2
+        corr = torch.addcmul(zero, r, r, value=c)  # c / s^2, in one pass
         if n_terms > 1:  # corr *= P(q), by Horner (in place on q when it is not needed twice)
             q = r.mul_(corr).mul_(27 / 4)
             poly = q.mul(_TL1_SERIES[n_terms - 1]) if n_terms > 2 else q.mul_(_TL1_SERIES[1])
@@ -1142,4 +1142,4 @@ def tl1_prox(x: torch.Tensor, t: Scalar, a: Scalar, *, out: torch.Tensor | None 
             corr.mul_(poly.add_(1.0))
     mag.sub_(corr)
     # 0 + |u| * (+-1 or +-0): the sign of x, and exact +0 below the threshold
-    return torch.addcmul(torch.zeros((), dtype=x.dtype, device=x.device), mag, keep.copysign_(x), out=out)
+    return torch.addcmul(zero, mag, keep.copysign_(x), out=out)
