@@ -1124,9 +1124,10 @@ def tl1_prox(x: torch.Tensor, t: Scalar, a: Scalar, *, out: torch.Tensor | None 
     q_max, eps = 27 * c / (4 * a_float**3), torch.finfo(x.dtype).eps
     n_terms = next((k for k in range(1, len(_TL1_SERIES)) if _TL1_SERIES[k] * q_max**k <= eps / 8), None)
     # in place on four full-size buffers (temporaries cost more than the arithmetic), with no
-    # boolean masks (slow on CPU): keep is 1 where |x| > thr, else 0 (a - b > 0 iff a > b)
+    # boolean masks (slow on CPU): keep is 1 where |x| > thr, else 0, the comparison written as
+    # numbers directly
     mag = x.abs()
-    keep = torch.sub(mag, thr).clamp_min_(0).sign_()
+    keep = torch.gt(mag, thr, out=torch.empty_like(mag))
     r = torch.add(mag, a_float).reciprocal_()  # 1 / s
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
     if n_terms is None:
