@@ -546,16 +546,27 @@ class SoftConv2d(nn.Module):
         """The shared kernels ``m`` of shape ``(F, K)``."""
         return self.shared * self.shared_scale
 
-    def deviations(self) -> torch.Tensor:
-        """Deviations ``d_p`` of shape ``(L, F, K)`` (differentiable).
+    def deviations(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Deviations ``d_p`` of shape ``(L, F, K)`` (differentiable; into ``out`` without autograd).
 
         Absent offsets hold arbitrary values (zero for a support covering the
         image, whose storage has none); use :meth:`masked_deviation` where
         they must not count.
         """
         if self._compact:  # scaled in the storage, a quarter of (L, F, K)
-            return self._from_storage(self.deviation * self._stored_scale())
-        return self.deviation * self.deviation_scale
+            d = self._from_storage(self.deviation * self._stored_scale())
+            return d if out is None else out.copy_(d)
+        return torch.mul(self.deviation, self.deviation_scale, out=out)
+
+    def unmasked_kernels(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``m + d_p`` at every offset, ``(L, F, K)``, absent ones included (a prox's starting values).
+
+        A new tensor, or ``out`` (without autograd); :meth:`kernels` zeroes the absent offsets.
+        """
+        m = self.shared_kernel()
+        if self._compact:
+            return torch.add(self.deviations(), m, out=out)
+        return torch.addcmul(m, self.deviation, self.deviation_scale, out=out)  # one pass
 
     @torch.no_grad()
     def set_deviations(self, d: torch.Tensor, *, consume: bool = False) -> None:
@@ -564,13 +575,17 @@ class SoftConv2d(nn.Module):
         With ``consume=True`` the caller's ``d`` may be overwritten (it saves
         a full-size temporary). The write is exact for finite values.
         """
-        d = d.div_(self.deviation_scale) if consume else d / self.deviation_scale
+        self.set_raw_deviations(d.div_(self.deviation_scale) if consume else d / self.deviation_scale)
+
+    @torch.no_grad()
+    def set_raw_deviations(self, raw: torch.Tensor) -> None:
+        """:meth:`set_deviations` for values already divided by ``deviation_scale`` (the parameter's units)."""
         if self._compact:
-            self.deviation.copy_(self.as_deviation_storage(d))
+            self.deviation.copy_(self.as_deviation_storage(raw))
             return
-        # a 0/1 selection, in place: faster than boolean indexing or full-size temporaries
-        exists = self.mask.unsqueeze(1).to(d.dtype)
-        self.deviation.mul_(1 - exists).add_(d.mul_(exists))
+        # a 0/1 selection in two in-place passes: faster than boolean indexing or full-size temporaries
+        exists = self.mask.unsqueeze(1).to(raw.dtype)
+        self.deviation.mul_(1 - exists).addcmul_(raw, exists)
 
     def as_deviation_storage(self, values: torch.Tensor) -> torch.Tensor:
         """``values`` broadcastable to ``(L, F, K)``, in the layout of the ``deviation`` parameter.

@@ -153,6 +153,17 @@ class Penalty(ABC):
         states = self.__dict__.setdefault("_layer_state", weakref.WeakKeyDictionary())
         return states.setdefault(layer, {})
 
+    def _kernel_buffer(self, layer: SoftConv2d, name: str) -> torch.Tensor:
+        """A scratch tensor of the kernel view's shape ``(L, F, K)``, kept per layer (fresh memory
+        costs more than the arithmetic on CPU); its content is undefined."""
+        m = layer.shared
+        shape = (layer.n_positions, *m.shape)
+        state = self._state(layer)
+        buf = state.get(name)
+        if buf is None or buf.shape != shape or buf.dtype != m.dtype or buf.device != m.device:
+            buf = state[name] = m.new_empty(shape)
+        return buf
+
     def _cached(self, layer: SoftConv2d, name: str, build: Callable[[], object]):
         """``build()``, computed once per layer while its mask (object and content) and dtype stay.
 
@@ -169,15 +180,57 @@ class Penalty(ABC):
 
 
 # --------------------------------------------------------------------- tying
+def _grid(layer: SoftConv2d):
+    """The deviations on the position grid, ``(Lh, Lw, F, K)``, and the 0/1 masks of the offsets
+    existing at both ends of the vertical and of the horizontal 4-neighbour pairs."""
+    Lh, Lw = layer.output_shape
+    d = layer.deviations().reshape(Lh, Lw, layer.out_channels, -1)
+    m = layer.mask.reshape(Lh, Lw, 1, -1).to(d.dtype)  # 0/1: multiplying beats boolean ops
+    return d, m[1:] * m[:-1], m[:, 1:] * m[:, :-1]
+
+
 def _grid_differences(layer: SoftConv2d):
     """Deviation differences between 4-neighbour positions and the 0/1 masks of offsets existing at both."""
-    Lh, Lw = layer.output_shape
-    d = layer.deviations().reshape(Lh, Lw, layer.out_channels, -1)  # (Lh, Lw, F, K)
-    m = layer.mask.reshape(Lh, Lw, 1, -1).to(d.dtype)  # 0/1: multiplying beats boolean ops
-    return [
-        (d[1:] - d[:-1], m[1:] * m[:-1]),
-        (d[:, 1:] - d[:, :-1], m[:, 1:] * m[:, :-1]),
-    ]
+    d, m_v, m_h = _grid(layer)
+    return [(d[1:] - d[:-1], m_v), (d[:, 1:] - d[:, :-1], m_h)]
+
+
+def _diff_adjoint(diff: torch.Tensor, dim: int) -> torch.Tensor:
+    """``D^T diff`` for the differences ``diff = x[1:] - x[:-1]`` along ``dim``: the shape of ``x``."""
+    n = diff.shape[dim]
+    if n == 0:
+        return diff.new_zeros(diff.shape[:dim] + (1,) + diff.shape[dim + 1 :])
+    inner = diff.narrow(dim, 0, n - 1) - diff.narrow(dim, 1, n - 1)
+    return torch.cat([-diff.narrow(dim, 0, 1), inner, diff.narrow(dim, n - 1, 1)], dim)
+
+
+class _GridSquares(torch.autograd.Function):
+    """``Σ ‖m_pq (d_q - d_p)‖²`` over the 4-neighbour pairs, from :func:`_grid`.
+
+    Its backward, ``2 D^T`` of the masked differences (``m² = m``), is written out: autograd's,
+    through the slices, fills a full-size zero tensor for each. It also returns the masked
+    differences (not differentiable), which the backward keeps.
+    """
+
+    generate_vmap_rule = True  # for torch.func.vmap (softcnn.batched)
+
+    @staticmethod
+    def forward(d, m_v, m_h):
+        dv = torch.sub(d[1:], d[:-1]).mul_(m_v)
+        dh = torch.sub(d[:, 1:], d[:, :-1]).mul_(m_h)
+        return torch.dot(dv.view(-1), dv.view(-1)) + torch.dot(dh.view(-1), dh.view(-1)), dv, dh
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, dv, dh = output
+        ctx.mark_non_differentiable(dv, dh)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(dv, dh)
+
+    @staticmethod
+    def backward(ctx, grad, grad_dv, grad_dh):
+        dv, dh = ctx.saved_tensors
+        return (_diff_adjoint(dv, 0) + _diff_adjoint(dh, 1)) * (2 * grad), None, None
 
 
 @register("tying", "l2", "mean")
@@ -204,7 +257,7 @@ class TyingL2Grid(Penalty):
     """
 
     def layer_value(self, layer):
-        return sum((diff * m).pow(2).sum() for diff, m in _grid_differences(layer))
+        return _GridSquares.apply(*_grid(layer))[0]
 
     def curvature(self, layer):
         return 0.0, 8.0  # largest eigenvalue of twice the grid Laplacian
@@ -241,9 +294,12 @@ def _exists(layer: SoftConv2d, dtype: torch.dtype) -> torch.Tensor:
 def _write_kernels(layer: SoftConv2d, w_new: torch.Tensor) -> None:
     """Store new effective kernels at existing offsets through ``d = w - m`` (``m`` is kept).
 
-    ``w_new`` is overwritten (see :func:`_write_deviations`).
+    ``w_new`` is overwritten (see :func:`_write_deviations`). The raw deviation ``(w - m) / c``
+    is computed in one pass as ``w / c - m / c``: the same numbers for the power-of-two scales
+    of proximal fits, and exactly 0 where ``w = m``.
     """
-    _write_deviations(layer, w_new.sub_(layer.shared_kernel()))
+    c = layer.deviation_scale
+    layer.set_raw_deviations(torch.addcdiv(-(layer.shared_kernel() / c), w_new, c, out=w_new))
 
 
 def _write_tied(layer: SoftConv2d, w_new: torch.Tensor, m_new: torch.Tensor) -> None:
@@ -259,9 +315,10 @@ def _write_tied(layer: SoftConv2d, w_new: torch.Tensor, m_new: torch.Tensor) -> 
     _write_kernels(layer, w_new)
 
 
-def _raw_kernels(layer: SoftConv2d) -> torch.Tensor:
-    """``m + d_p`` without the existence mask (the values a prox on ``w`` starts from); a new tensor."""
-    return layer.deviations().add_(layer.shared_kernel())
+def _raw_kernels(layer: SoftConv2d, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``m + d_p`` without the existence mask (the values a prox on ``w`` starts from); a new
+    tensor, or ``out``."""
+    return layer.unmasked_kernels(out=out)
 
 
 @torch.no_grad()
@@ -348,18 +405,18 @@ class _TyingTV(_NonSmooth):
 
     @torch.no_grad()
     def prox(self, layer, step):
-        d = layer.masked_deviation()
-        L, Fo, K = d.shape
-        mask = layer.mask.unsqueeze(1).expand(L, Fo, K).reshape(L, Fo * K)
-        # warm start from this layer's previous dual: a step moves the solution little
+        d = layer.deviations(out=self._kernel_buffer(layer, "tv_input")).mul_(_exists(layer, layer.shared.dtype))
+        # warm start from this layer's previous dual (a step moves the solution little), and
+        # the solver's scratch buffers kept with it
         state, key = self._state(layer), (d.shape, d.dtype, d.device)
         last_key, dual = state.get("tv_dual", (None, None))
-        new, dual = _prox.tv_prox(
-            d.reshape(L, Fo * K), _dev_step(layer, step), layer.output_shape, kind=self.kind, mask=mask,
-            dual=dual if last_key == key else None, return_dual=True,
+        _, dual = _prox.tv_prox(
+            d, _dev_step(layer, step), layer.output_shape, kind=self.kind, mask=layer.mask.unsqueeze(1),
+            dual=dual if last_key == key else None, return_dual=True, out=d,
+            workspace=state.setdefault("tv_workspace", {}),
         )
         state["tv_dual"] = (key, dual)
-        _write_deviations(layer, new.reshape(L, Fo, K))
+        _write_deviations(layer, d)
 
     def finalize(self, layer):
         _recentre(layer)
@@ -398,16 +455,28 @@ class TyingL1All(_NonSmooth):
     family (:meth:`finalize`).
     """
 
+    def _rank_coefficients(self, layer):
+        """``(K, L)`` coefficient of the ``i``-th smallest (1-based) of the ``n`` existing values of
+        an entry, ``2 i - n - 1``, and 0 past them (absent entries sort last); cached per layer."""
+        mask = layer.mask.T  # (K, L)
+        dtype = layer.shared.dtype
+
+        def build():
+            n = mask.sum(1, keepdim=True)
+            rank = torch.arange(1, mask.shape[1] + 1, device=mask.device)
+            return torch.where(rank <= n, 2 * rank - n - 1, 0).to(dtype)
+
+        return self._cached(layer, "rank_coefficients", build)
+
     def layer_value(self, layer):
-        w = layer.kernels()
-        exists = layer.mask.unsqueeze(1).expand_as(w)
-        # all entries in one sort, absent ones last (+inf); for the n existing values of an
-        # entry, Σ_{p<q} |x_p - x_q| = Σ_i (2i - n - 1) x_(i) over the sorted values
-        xs = torch.where(exists, w, float("inf")).sort(dim=0).values
-        n = exists.sum(0, keepdim=True)
-        rank = torch.arange(1, w.shape[0] + 1, device=w.device).view(-1, 1, 1)
-        coef = torch.where(rank <= n, 2 * rank - n - 1, 0).to(w.dtype)
-        total = (coef * torch.where(rank <= n, xs, 0.0)).sum()
+        # for the n existing values of an entry, Σ_{p<q} |x_p - x_q| = Σ_i (2i - n - 1) x_(i)
+        w = (layer.shared_kernel() + layer.deviations()).movedim(0, -1)  # (F, K, L)
+        # absent entries sort last; the largest float (not inf) makes their 0 coefficient give 0
+        w = torch.where(layer.mask.T, w, torch.finfo(w.dtype).max)
+        xs, order = _prox._sort_rows(w.reshape(-1, w.shape[-1]), indices=w.requires_grad)
+        if order is not None:  # the same values, gathered so autograd sees them
+            xs = w.reshape(-1, w.shape[-1]).gather(1, order)
+        total = (xs.view(w.shape) * self._rank_coefficients(layer)).sum()
         return total / max(layer.n_positions - 1, 1)
 
     @torch.no_grad()
@@ -416,7 +485,9 @@ class TyingL1All(_NonSmooth):
         if L < 2:
             return
         t = _dev_step(layer, step) / (L - 1)
-        w = _prox.pairwise_l1_prox(_raw_kernels(layer), t, dim=0, mask=layer.mask.unsqueeze(1))
+        w = _raw_kernels(layer, out=self._kernel_buffer(layer, "kernels"))
+        _prox.pairwise_l1_prox(w, t, dim=0, mask=layer.mask.unsqueeze(1), out=w,
+                               workspace=self._state(layer).setdefault("workspace", {}))
         _write_kernels(layer, w)
 
     def finalize(self, layer):
@@ -609,6 +680,12 @@ class LocalityRings(_NonSmooth, _ProfiledPenalty):
 
         return self._cached(layer, "ring_groups", build)
 
+    def _rings(self, layer):
+        """The number of groups and the ring of each weight (:func:`softcnn.prox.nested_group_prox`'s
+        first group holding it); cached per layer."""
+        groups = self._groups(layer)
+        return self._cached(layer, "rings", lambda: (groups.shape[0], _prox._feature_rings(groups)))
+
     def layer_value(self, layer):
         w = layer.kernels()[..., :-1]
         groups = self._groups(layer)
@@ -620,12 +697,16 @@ class LocalityRings(_NonSmooth, _ProfiledPenalty):
 
     @torch.no_grad()
     def prox(self, layer, step):
-        w = _raw_kernels(layer).mul_(_exists(layer, layer.shared.dtype))  # absent offsets carry no weight
-        t, groups = _dev_step(layer, step), self._groups(layer)
-        _prox.nested_group_prox(w[..., :-1], t, groups, dim=-1, out=w[..., :-1])
-        m = layer.shared_kernel()
-        _prox.nested_group_prox(m[..., :-1], t, groups, dim=-1, out=m[..., :-1])
-        _write_tied(layer, w, m)
+        # the kernels, absent offsets zeroed (they carry no weight), and the shared kernel as one
+        # more position: one prox call for both
+        L, m = layer.n_positions, layer.shared_kernel()
+        w = m.new_empty((L + 1, *m.shape))
+        _raw_kernels(layer, out=w[:L]).mul_(_exists(layer, m.dtype))
+        w[L] = m
+        # nested_group_prox from the cached rings (nested by construction: no checks)
+        n_groups, ring = self._rings(layer)
+        _prox._nested_prox_by_ring(w[..., :-1], [_dev_step(layer, step)] * n_groups, ring, -1, w[..., :-1])
+        _write_tied(layer, w[:L], w[L])
 
 
 @register("locality", "full_rings")
@@ -713,7 +794,7 @@ class _Elementwise(_NonSmooth):
     def prox_net(self, net, step):
         super().prox_net(net, step)
         for lin in net.linear_layers:  # not averaged over positions: the raw step
-            lin.weight.copy_(self.elementwise_prox(lin.weight, step))
+            self.elementwise_prox(lin.weight, step, out=lin.weight)
 
 
 @register("sparsity", "l1")

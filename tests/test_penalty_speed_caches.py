@@ -1,8 +1,9 @@
 """The fast paths of the penalties and proxes give the results of the plain computations.
 
-Warm-started TV, the closed-form nested prox, the small-step TL1 series, the masked (batched)
-pairwise prox, ``out=`` writes, and the per-layer caches of the penalty objects (never shared
-between layers, dropped by copies and pickles).
+Warm-started TV (and its columns that stop on their own), the closed-form nested prox, the
+small-step TL1 series, the masked (batched) pairwise prox and its NumPy sorts, ``out=`` writes
+and workspaces, the written-out backward of the l2 grid penalty, and the per-layer caches of the
+penalty objects (never shared between layers, dropped by copies and pickles).
 """
 
 import copy
@@ -16,6 +17,7 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from test_proximal import random_layer
 
+import softcnn.prox
 from softcnn import SoftConvRegressor
 from softcnn.datasets import make_soft_conv_data
 from softcnn.penalties import (
@@ -25,9 +27,11 @@ from softcnn.penalties import (
     TyingGroupGrid,
     TyingL1All,
     TyingL1Grid,
+    TyingL2Grid,
     ring_groups,
 )
 from softcnn.prox import (
+    _sort_rows,
     nested_group_prox,
     pairwise_l1_prox,
     soft_threshold,
@@ -111,7 +115,10 @@ def test_tying_group_tv_cache_follows_dtype():
     pen.prox(layer, 0.5)
     layer.float()
     pen.prox(layer, 0.5)  # the float64 dual is not reused for a float32 layer
-    assert pen._layer_state[layer]["tv_dual"][1].dtype == torch.float32
+    state = pen._layer_state[layer]
+    assert state["tv_dual"][1].dtype == torch.float32
+    assert state["tv_input"].dtype == torch.float32  # nor the scratch buffers
+    assert all(b.dtype == torch.float32 for b in state["tv_workspace"].values())
 
 
 # ---------------------------------------------------------- nested / rings
@@ -126,10 +133,11 @@ def composed_nested(x, t, groups, weights):
 
 
 @pytest.mark.parametrize("t", [0.05, 0.5, 3.0])
-def test_nested_closed_form_equals_the_composition(t):
+@pytest.mark.parametrize("weights", [[1.0, 0.5, 2.0], [1.0, 0.0, 2.0]])  # a free group too
+def test_nested_closed_form_equals_the_composition(t, weights):
     g = _gen(4)
     groups = torch.tensor([[1, 0, 0, 0, 0, 0], [1, 0, 1, 0, 0, 0], [1, 1, 1, 0, 1, 0]], dtype=torch.bool)
-    weights = torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64)
+    weights = torch.tensor(weights, dtype=torch.float64)
     x = torch.randn(7, 3, 6, dtype=torch.float64, generator=g)
     x[0, 0] = 0.0
     ref = composed_nested(x, t, groups, weights)
@@ -156,6 +164,9 @@ def test_rings_value_and_cached_groups(pen_cls):
         ref = sum(torch.linalg.vector_norm(w[..., row], dim=-1).sum() for row in groups)
         torch.testing.assert_close(pen.layer_value(layer), ref)
         assert torch.equal(pen._groups(layer), groups)  # the cache holds this layer's groups
+        n_groups, ring = pen._rings(layer)  # and each weight's first group (n_groups: none)
+        first = [next((n for n in range(len(groups)) if groups[n, j]), len(groups)) for j in range(ring.numel())]
+        assert n_groups == len(groups) and ring.tolist() == first
     # the value's gradient is finite at zero groups (like a norm's)
     z = random_layer(5, support=5, image=(4, 4), channels=(2, 2), k=3)
     with torch.no_grad():
@@ -292,3 +303,232 @@ def test_a_fitted_estimator_keeps_no_penalty_scratch_state():
         est.fit(X, y)
     tv = [pen for _, pen in est.penalties_ if isinstance(pen, TyingL1Grid)]
     assert tv and all("_layer_state" not in vars(pen) for _, pen in est.penalties_)
+
+
+# ------------------------------------------------------------ NumPy sorts
+def _torch_sort_rows(x, indices=True, workspace=None):
+    """The ``torch.sort`` path of ``_sort_rows`` (what other devices use), stable."""
+    values, order = torch.sort(x.detach(), dim=-1, stable=True)
+    return values, order if indices else None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_numpy_row_sort_equals_torch_sort(dtype):
+    g = _gen(20)
+    x = torch.randn(7, 300, generator=g).to(dtype)
+    x[0, :50] = x[0, 60]  # ties
+    x[1, ::3] = 0.0
+    x[1, 1::3] = -0.0
+    x[2, :10] = float("inf")
+    x[2, 10:20] = -float("inf")
+    x[3] = torch.finfo(dtype).max * torch.sign(x[3])  # the extremes of the key packing
+    x[4, :5] = torch.finfo(dtype).tiny * torch.tensor([1.0, -1.0, 0.5, -0.5, 0.0]).to(dtype)  # subnormals
+    ref_values, ref_order = _torch_sort_rows(x)
+    values, order = _sort_rows(x)
+    assert values.dtype == dtype and order.dtype == torch.int64
+    assert torch.equal(values, ref_values)  # -0.0 == +0.0
+    assert torch.equal(x.gather(1, order).view(-1).view(torch.uint8),  # bit for bit, signed zeros too
+                       values.contiguous().view(-1).view(torch.uint8))
+    assert torch.equal(torch.sort(order, dim=1).values, torch.arange(300).expand(7, 300))  # permutations
+    if dtype == torch.float32:  # the packed keys order ties by index, like a stable sort
+        keep = ~torch.isinf(x).any(1) & (x != 0).all(1)  # rows without signed zeros
+        assert torch.equal(order[keep], ref_order[keep])
+    only, none = _sort_rows(x, indices=False)
+    assert none is None and torch.equal(only, ref_values)
+    # a non-contiguous input and a gradient-carrying input are sorted like their values
+    y = x.T.contiguous().T.requires_grad_(True)
+    assert torch.equal(_sort_rows(y)[0], ref_values) and not _sort_rows(y)[0].requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pairwise_prox_numpy_sort_equals_torch_sort(dtype, monkeypatch):
+    g = _gen(21)
+    x = torch.randn(40, 6, 5, generator=g).to(dtype)
+    x[:8, 0, 0] = x[9, 0, 0]  # ties
+    mask = torch.rand(40, 6, 5, generator=g) < 0.8
+    mask[:, 1, 1] = False
+    mask[7, 1, 1] = True  # a single entry
+    ts = (1e-4, 0.01, 0.3, 10.0)  # no pooling to full pooling
+    fast = [pairwise_l1_prox(x, t, dim=0, mask=mask) for t in ts]
+    fast += [pairwise_l1_prox(x, t, dim=1) for t in ts]
+    monkeypatch.setattr(softcnn.prox, "_sort_rows", _torch_sort_rows)
+    ref = [pairwise_l1_prox(x, t, dim=0, mask=mask) for t in ts] + [pairwise_l1_prox(x, t, dim=1) for t in ts]
+    for a, b in zip(fast, ref, strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(fast[0], fast[-1])
+
+
+def test_tying_l1_all_float32_value_gradient_and_cached_coefficients():
+    layer = random_layer(22, support=5, image=(4, 5), channels=(2, 2), k=3).float()
+    pen = TyingL1All()
+    _, value = reference_l1_all(layer)
+    assert float(pen.layer_value(layer).detach()) == pytest.approx(value, rel=1e-5)
+    with torch.no_grad():  # the values-only sort
+        assert float(pen.layer_value(layer)) == pytest.approx(value, rel=1e-5)
+    # the gradient: Σ_i (2 i - n - 1) x_(i) differentiated by autograd through torch.sort
+    pen.layer_value(layer).backward()
+    grad = layer.deviation.grad.clone()
+    layer.deviation.grad = None
+    w = layer.kernels()
+    exists = layer.mask.unsqueeze(1).expand_as(w)
+    xs = torch.where(exists, w, float("inf")).sort(dim=0).values
+    n = exists.sum(0, keepdim=True)
+    rank = torch.arange(1, w.shape[0] + 1).view(-1, 1, 1)
+    plain = (torch.where(rank <= n, 2 * rank - n - 1, 0) * torch.where(rank <= n, xs, 0.0)).sum()
+    (plain / (layer.n_positions - 1)).backward()
+    torch.testing.assert_close(grad, layer.deviation.grad, atol=0, rtol=0)
+    # the rank coefficients are cached for the mask; a change of the mask rebuilds them
+    coef = pen._rank_coefficients(layer)
+    assert pen._rank_coefficients(layer) is coef
+    with torch.no_grad():
+        layer.mask[0, 0] = ~layer.mask[0, 0]
+    assert not torch.equal(pen._rank_coefficients(layer), coef)
+    assert float(pen.layer_value(layer).detach()) == pytest.approx(reference_l1_all(layer)[1], rel=1e-5)
+
+
+# ------------------------------------------------------------ TV solver paths
+@pytest.mark.parametrize("kind", ["l1", "group"])
+def test_tv_workspace_and_out_give_the_plain_result(kind):
+    g = _gen(23)
+    x = torch.randn(20, 3, 4, dtype=torch.float64, generator=g)
+    mask = torch.rand(20, 1, 4, generator=g) < 0.8  # kept at its own size along rest
+    ws, dual_ws, dual = {}, None, None
+    for t in (0.2, 0.2, 0.1):  # successive calls, each warm-started from the last dual
+        x = x + 0.05 * torch.randn(x.shape, dtype=x.dtype, generator=g)
+        u, dual = tv_prox(x, t, (4, 5), kind=kind, mask=mask, dual=dual, return_dual=True)
+        y = x.clone()
+        v, dual_ws = tv_prox(y, t, (4, 5), kind=kind, mask=mask, dual=dual_ws, return_dual=True, out=y,
+                             workspace=ws)
+        assert v.data_ptr() == y.data_ptr()  # written to out, here x itself
+        assert torch.equal(v, u) and torch.equal(dual_ws, dual)  # the same iterates
+        assert any(dual_ws.data_ptr() == b.data_ptr() for b in ws.values())  # the dual is kept there
+    assert not torch.equal(u[~mask.expand_as(u)], torch.zeros(()))
+    assert torch.equal(u[~mask.expand_as(u)], x[~mask.expand_as(u)])  # absent entries unchanged
+    # a non-contiguous out, and a workspace of another dtype is replaced, not reused
+    out = torch.empty(3, 4, 20, dtype=torch.float64).permute(2, 0, 1)
+    assert tv_prox(x, 0.2, (4, 5), kind=kind, mask=mask, out=out) is out
+    torch.testing.assert_close(out, tv_prox(x, 0.2, (4, 5), kind=kind, mask=mask), atol=0, rtol=0)
+    tv_prox(x.float(), 0.2, (4, 5), kind=kind, mask=mask, workspace=ws)
+    assert all(b.dtype == torch.float32 for b in ws.values())
+
+
+def test_tv_l1_columns_stop_on_their_own(monkeypatch):
+    """Anisotropic TV iterates only the columns that have not met the stopping test; the result
+    is that of solving each column alone (and of iterating them all), to the solver's accuracy."""
+    g = _gen(24)
+    x = torch.randn(30, 8, 20, dtype=torch.float64, generator=g)  # 160 columns on a 5x6 grid
+    mask = torch.rand(30, 1, 20, generator=g) < 0.85
+    _, dual = tv_prox(x, 0.1, (5, 6), mask=mask, return_dual=True)
+    x2 = x.clone()
+    x2[:, 0, :10] += 0.2 * torch.randn(30, 10, dtype=x.dtype, generator=g)  # 10 columns move
+    ref = tv_prox(x2, 0.1, (5, 6), mask=mask, tol=0.0, n_iter=5000)
+    warm = tv_prox(x2, 0.1, (5, 6), mask=mask, dual=dual)
+    cold = tv_prox(x2, 0.1, (5, 6), mask=mask)
+    alone = torch.stack([tv_prox(x2[:, f, k], 0.1, (5, 6), mask=mask[:, 0, k])
+                         for f in range(8) for k in range(20)], -1).view_as(x2)
+    monkeypatch.setattr(softcnn.prox, "_MIN_DROP", 10**9)  # never drop columns
+    together = tv_prox(x2, 0.1, (5, 6), mask=mask, dual=dual)
+    for u in (warm, cold, alone, together):
+        torch.testing.assert_close(u, ref, atol=1e-8, rtol=0)
+    assert not torch.equal(warm, together)  # the columns were dropped: other iterates
+
+
+@pytest.mark.parametrize("dim", [0, -1])
+def test_pairwise_workspace_and_out_give_the_plain_result(dim):
+    g = _gen(25)
+    ws = {}
+    for _ in range(2):  # the second call reuses the buffers
+        x = torch.randn(30, 4, 30, generator=g)
+        mask = torch.rand(30, 1, 30, generator=g) < 0.8
+        plain = pairwise_l1_prox(x, 0.01, dim=dim, mask=mask)
+        kept = pairwise_l1_prox(x, 0.01, dim=dim, mask=mask, workspace=ws)
+        assert torch.equal(kept, plain) and ws
+        assert all(kept.data_ptr() != b.data_ptr() for b in ws.values())  # a new tensor, not a buffer
+        y = x.clone()
+        assert pairwise_l1_prox(y, 0.01, dim=dim, mask=mask, out=y, workspace=ws) is y
+        assert torch.equal(y, plain)
+    values, order = _sort_rows(x.view(-1, 30), workspace=ws)
+    assert torch.equal(values, torch.sort(x.view(-1, 30), dim=-1).values)
+    assert torch.equal(x.view(-1, 30).gather(1, order), values)
+
+
+@pytest.mark.parametrize(("pen", "step"), [(LocalityRings(), 0.1), (LocalityFullRings(), 0.15),
+                                          (SparsityTL1(), 0.05), (TyingL1All(), 25.0)],
+                         ids=["rings", "full_rings", "tl1", "l1_all"])
+@pytest.mark.parametrize("c_d", [4.0, 3.0])
+def test_kernel_writes_keep_ties_and_zeros_exact(pen, step, c_d):
+    """``d = w / c - m / c``: tied positions stay tied for any scale (tl1; the rings' norms come
+    from a matrix product, whose rounding may differ between equal rows), and zeros (ties between
+    positions for l1/all) are exact for the power-of-two scales of proximal fits."""
+    layer = random_layer(26, support=5, image=(7, 7), channels=(2, 3), k=3)
+    layer.set_scales(torch.full_like(layer.shared_scale, 0.5), torch.full_like(layer.deviation_scale, c_d))
+    tied = layer.mask.all(1)  # positions tied to m (a kernel cut by the border is not m's)
+    assert 0 < int(tied.sum()) < layer.n_positions
+    with torch.no_grad():
+        layer.deviation[tied] = 0.0
+        layer.deviation.mul_(0.1)
+    # steps where some groups and weights vanish, not all nor m's (c_d = 4), or where l1/all
+    # pools all positions
+    pen.prox(layer, step * layer.n_positions)
+    ex = layer.mask.unsqueeze(1).expand_as(layer.deviation)
+    if isinstance(pen, SparsityTL1):
+        assert torch.equal(layer.deviation[tied], torch.zeros_like(layer.deviation[tied]))
+    if c_d == 4.0 and isinstance(pen, TyingL1All):  # a strong step pools all positions: one value
+        w = layer.kernels().detach()
+        for f, k in np.ndindex(w.shape[1:]):
+            assert len(set(w[layer.mask[:, k], f, k].tolist())) == 1
+    elif c_d == 4.0:
+        w = layer.kernels().detach()[ex]
+        assert (w == 0).sum() > w.numel() // 10  # many exact zeros, not round-off
+        assert (w != 0).sum() > w.numel() // 10 and (layer.shared_kernel()[:, :-1] != 0).any()
+
+
+# ------------------------------------------------------------ l2 grid
+def _plain_l2_grid(layer):
+    """Σ ((d_q - d_p) m_pq)² through autograd's own slicing (the previous formulation)."""
+    from softcnn.penalties import _grid_differences
+
+    return sum((diff * m).pow(2).sum() for diff, m in _grid_differences(layer))
+
+
+@pytest.mark.parametrize("image", [(4, 4), (1, 6), (6, 1), (5, 3)])
+def test_tying_l2_grid_written_out_backward_is_autograds(image):
+    layer = random_layer(27, support=5, image=image, channels=(2, 2), k=3)
+    value = TyingL2Grid().layer_value(layer)
+    value.backward()
+    grad = layer.deviation.grad.clone()
+    layer.deviation.grad = None
+    plain = _plain_l2_grid(layer)
+    plain.backward()
+    value, plain = float(value.detach()), float(plain.detach())
+    assert value == pytest.approx(plain, rel=1e-12) and plain > 0
+    torch.testing.assert_close(grad, layer.deviation.grad, atol=1e-12, rtol=0)
+    assert grad.abs().max() > 0
+
+
+def test_tying_l2_grid_under_vmap():
+    """softcnn.batched evaluates smooth penalties with torch.func.vmap(grad_and_value(...))."""
+    from torch.func import functional_call, grad_and_value, vmap
+
+    class Value(torch.nn.Module):
+        def __init__(self, layer):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self):
+            return TyingL2Grid().layer_value(self.layer)
+
+    module = Value(random_layer(28))
+    devs = torch.stack([s * module.layer.deviation.detach() for s in (1.0, -0.5, 2.0)])
+
+    def value(dev):
+        return functional_call(module, {"layer.deviation": dev}, ())
+
+    grads, values = vmap(grad_and_value(value))(devs)
+    for k, dev in enumerate(devs):
+        d = dev.clone().requires_grad_(True)
+        v = value(d)
+        v.backward()
+        assert float(values[k]) == pytest.approx(float(v.detach()), rel=1e-12)
+        torch.testing.assert_close(grads[k], d.grad, atol=1e-12, rtol=0)
+    assert not torch.allclose(grads[0], grads[2])
