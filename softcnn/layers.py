@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 __all__ = ["AxisGeometry", "SoftConv2d", "axis_geometry", "choose_tile", "tile_macs"]
 
@@ -290,6 +291,7 @@ class _CoveringDense(torch.autograd.Function):
         ctx.geometry = geometry
 
     @staticmethod
+    @once_differentiable  # the saved block carries no graph: a double backward would be wrong
     def backward(ctx, grad_out, _):
         # Runs under torch.func.vmap in stacked fits: batchable ops only, in place only on own tensors.
         x, deviation, m, scale, saved = ctx.saved_tensors
@@ -362,7 +364,9 @@ class SoftConv2d(nn.Module):
         every position (one GEMM with a dense ``(L F, C H W)`` weight, the
         right choice when the support covers the image: the weight is then
         the stored deviations plus the shared kernels' windows, with a
-        backward of its own, see ``deviation``); ``'tiled'`` and
+        backward of its own, see ``deviation``, which has no second
+        derivatives: a double backward through it raises, and
+        ``'unfold'`` has them); ``'tiled'`` and
         ``'auto'``: the tile shape chosen by :func:`choose_tile` (the
         fewest multiply-adds, weighted by a model of the matmul's speed
         fitted in ``benchmarks/bench_layer.py --sweep``; ``'dense'`` for

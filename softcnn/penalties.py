@@ -209,7 +209,8 @@ class _GridSquares(torch.autograd.Function):
 
     Its backward, ``2 D^T`` of the masked differences (``m² = m``), is written out: autograd's,
     through the slices, fills a full-size zero tensor for each. It also returns the masked
-    differences (not differentiable), which the backward keeps.
+    differences (not differentiable), which the backward keeps; a differentiable backward
+    (``create_graph=True``) recomputes them from ``d``, so second derivatives are exact.
     """
 
     generate_vmap_rule = True  # for torch.func.vmap (softcnn.batched)
@@ -225,11 +226,13 @@ class _GridSquares(torch.autograd.Function):
         _, dv, dh = output
         ctx.mark_non_differentiable(dv, dh)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(dv, dh)
+        ctx.save_for_backward(*inputs, dv, dh)
 
     @staticmethod
     def backward(ctx, grad, grad_dv, grad_dh):
-        dv, dh = ctx.saved_tensors
+        d, m_v, m_h, dv, dh = ctx.saved_tensors
+        if torch.is_grad_enabled():  # a differentiable backward (create_graph): differences with a graph
+            dv, dh = (d[1:] - d[:-1]) * m_v, (d[:, 1:] - d[:, :-1]) * m_h
         return (_diff_adjoint(dv, 0) + _diff_adjoint(dh, 1)) * (2 * grad), None, None
 
 
