@@ -17,8 +17,8 @@ from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import _check_sample_weight, check_scalar, indexable
 
 from .estimators import BaseSoftConv, SoftConvClassifier, SoftConvRegressor, _atomic_fit
-from .path import (Track, _check_grid, _cnn_limit_starts, _fit_paths, _geometric_grid, fitted_state,
-                   penalty_grid, set_fitted_state)
+from .path import (PATH_N_ITER_NO_CHANGE, Track, _check_grid, _check_patience, _cnn_limit_starts, _fit_paths,
+                   _geometric_grid, fitted_state, penalty_grid, set_fitted_state)
 
 __all__ = ["SoftConvClassifierCV", "SoftConvRegressorCV", "select_strengths"]
 
@@ -31,6 +31,7 @@ _CV_PARAMS = {
     "eps": 1e-3,
     "n_jobs": None,
     "refit": True,
+    "path_n_iter_no_change": PATH_N_ITER_NO_CHANGE,
 }
 
 
@@ -56,6 +57,11 @@ def select_strengths(scores: np.ndarray, tyings: np.ndarray, localities: np.ndar
     return int(i), int(j)
 
 
+def _is_count(spec) -> bool:
+    """Whether a grid spec asks for a data-driven grid of that many values."""
+    return isinstance(spec, numbers.Integral) and not isinstance(spec, bool)
+
+
 def _fold_tracks(X, y, sample_weight, folds) -> list[Track]:
     def part(index):
         return None if sample_weight is None else sample_weight[index]
@@ -69,12 +75,12 @@ def _fold_starts(estimator, X, y, sample_weight, folds, locality) -> tuple[list,
     return _cnn_limit_starts(estimator, _fold_tracks(X, y, sample_weight, folds), {"locality": locality})
 
 
-def _fold_paths(estimator, X, y, sample_weight, folds, tyings, localities, scoring,
+def _fold_paths(estimator, X, y, sample_weight, folds, tyings, localities, scoring, patience,
                 started=None) -> list[np.ndarray]:
     """Validation scores ``(n_localities, n_tyings)`` of each fold's path; the folds move together."""
     records = _fit_paths(estimator, _fold_tracks(X, y, sample_weight, folds), ("tying", "locality"),
                          [(t, l) for l in localities for t in tyings], row_length=len(tyings), scoring=scoring,
-                         train_score=False, started=started)
+                         train_score=False, started=started, patience=patience)
     return [r["validation_score"].reshape(len(localities), len(tyings)) for r in records]
 
 
@@ -90,9 +96,9 @@ class _BaseSoftConvCV:
         for name, spec in (("tying", self.tyings), ("locality", self.localities)):
             if spec is None:
                 out.append(np.array([float(getattr(base, name))]))
-            elif isinstance(spec, numbers.Integral) and not isinstance(spec, bool):
+            elif _is_count(spec):
                 check_scalar(spec, f"{name}s", numbers.Integral, min_val=1)
-                if name == "tying" and self.localities is None:
+                if name == "tying" and not _is_count(self.localities):
                     _check_grid(int(spec), self.eps)
                     out.append(None)  # from the folds' CNN-limit fits (see fit)
                 else:
@@ -120,6 +126,7 @@ class _BaseSoftConvCV:
         """
         if self.selection not in ("min", "1se"):
             raise ValueError(f"selection must be 'min' or '1se'; got {self.selection!r}.")
+        _check_patience(self.path_n_iter_no_change)
         base = self._base_estimator()
         # The base estimator validates X and y (and fails clearly) before any fold is fitted.
         template = clone(base).set_params(max_iter=1)
@@ -141,10 +148,11 @@ class _BaseSoftConvCV:
                 delayed(_fold_starts)(base, X, y, sample_weight, g, localities[0]) for g in groups
             )
             starts = [ests for ests, _ in fitted]
-            top = max(m for _, maxima in fitted for m in maxima)
+            top = float(np.max([m for _, maxima in fitted for m in maxima]))  # NaN propagates, then raises
             tyings = _geometric_grid(top, "tying", n_values=int(self.tyings), eps=self.eps)
         results = Parallel(n_jobs=self.n_jobs)(
-            delayed(_fold_paths)(base, X, y, sample_weight, g, tyings, localities, self.scoring, started)
+            delayed(_fold_paths)(base, X, y, sample_weight, g, tyings, localities, self.scoring,
+                                 self.path_n_iter_no_change, started)
             for g, started in zip(groups, starts)
         )
         cv_time = time.perf_counter() - start
@@ -232,10 +240,12 @@ _CV_DOC = """
         Tying strengths: an int builds a geometric grid of that many values
         from a data-driven maximum down to ``eps`` times it. The maximum is
         the condition of :func:`softcnn.limits.tying_max` (exact for
-        lasso-type tying), evaluated as the fitted ``tying_max_`` is: with
-        ``localities=None``, at each training fold's CNN-limit fit (where its
-        path starts, so the grid costs no extra fit), the largest over the
-        folds; with a locality grid, on all data.
+        lasso-type tying), evaluated as the fitted ``tying_max_`` is: unless
+        ``localities`` is an int, at each training fold's CNN-limit fit
+        (where its path starts; a short reference fit warm-started from it
+        only where that fit does not solve the reference problem, e.g. with
+        ``early_stopping``, other non-smooth penalties or snapping), the
+        largest over the folds; with a data-driven locality grid, on all data.
     localities : None, int or array-like, default=None
         Locality strengths likewise; None keeps the single value ``locality``.
     cv : int, cross-validation generator or iterable, default=5
@@ -251,6 +261,10 @@ _CV_DOC = """
         Folds fitted in parallel with joblib (any joblib backend, e.g. Dask).
     refit : bool, default=True
         Refit on all data with the chosen strengths; the object then predicts.
+    path_n_iter_no_change : int or None, default=4
+        L-BFGS's patience at the paths' warm-started points, at most
+        ``n_iter_no_change`` (None: ``n_iter_no_change``); see
+        :func:`softcnn.soft_conv_path`. The refit uses ``n_iter_no_change``.
     **base parameters
         Every parameter of the base estimator (``channels``, ``kernel_size``,
         ``tying_penalty``, ``solver``, ...); ``tying``/``locality`` serve only

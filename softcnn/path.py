@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import check_scoring
 from sklearn.model_selection import train_test_split
 from sklearn.utils import _safe_indexing, check_random_state
+from sklearn.utils.validation import check_scalar
 from tqdm.auto import tqdm
 
 __all__ = ["SoftConvPath", "soft_conv_path", "penalty_grid", "Track"]
@@ -92,6 +94,12 @@ def penalty_grid(estimator, X, y, param: str = "tying", *, n_values: int = 20, e
                           n_values=n_values, eps=eps)
 
 
+def _check_patience(value) -> None:
+    """``path_n_iter_no_change``: None or an int >= 1."""
+    if value is not None:
+        check_scalar(value, "path_n_iter_no_change", numbers.Integral, min_val=1)
+
+
 def _check_grid(n_values: int, eps: float) -> None:
     if n_values < 1:
         raise ValueError(f"n_values must be >= 1, got {n_values}.")
@@ -133,6 +141,7 @@ def soft_conv_path(
     scoring=None,
     return_weights: bool = False,
     verbose: int = 0,
+    path_n_iter_no_change: int | None = PATH_N_ITER_NO_CHANGE,
 ) -> SoftConvPath:
     """Fit an estimator along a warm-started path of penalty strengths.
 
@@ -145,11 +154,11 @@ def soft_conv_path(
     starts from untied random weights and must tie them against a stiff
     penalty (on digits: 97 instead of 200 L-BFGS iterations, and a lower
     objective). Each warm-started point stops by the estimator's rule
-    (``tol``) with L-BFGS's patience capped at
-    ``min(n_iter_no_change, PATH_N_ITER_NO_CHANGE)`` (4): a warm start usually
-    gains less than ``tol`` from its first iteration, so the estimator's own
-    tolerance already calls it converged and the patience only sets how many
-    iterations it runs (typically 5, a few tens where the solution moves).
+    (``tol``) with L-BFGS's patience at most ``path_n_iter_no_change``: a warm
+    start usually gains less than ``tol`` from its first iteration, so the
+    rule only counts the patience down while the objective creeps lower, and
+    the patience sets both the cost of a point and how far it gets (with 4,
+    typically 5 iterations; measured in ``benchmarks/README.md``).
 
     Parameters
     ----------
@@ -166,7 +175,8 @@ def soft_conv_path(
         from the data-driven maximum down to ``eps`` times it (tying and
         locality only). For ``param='tying'`` the maximum is evaluated at the
         CNN-limit fit the path starts from, as the fitted ``tying_max_`` is
-        (no separate reference fit).
+        (no reference fit of its own where that fit solves the reference
+        problem of :func:`softcnn.limits.tying_max`).
     n_values : int, default=20
         Points per axis when ``values`` is None.
     eps : float, default=1e-3
@@ -182,6 +192,10 @@ def soft_conv_path(
         Keep each fit's ``state_dict``.
     verbose : int, default=0
         A tqdm progress bar over path points when > 0.
+    path_n_iter_no_change : int or None, default=4
+        L-BFGS's patience at warm-started points, at most the estimator's
+        ``n_iter_no_change`` (None: the estimator's). Larger values get each
+        point closer to its solution, at a cost.
 
     Returns
     -------
@@ -198,6 +212,7 @@ def soft_conv_path(
     (3,)
     """
     est = clone(estimator)
+    _check_patience(path_n_iter_no_change)
     grid = isinstance(param, (tuple, list))
     params = tuple(param) if grid else (param,)
     known = est.get_params()
@@ -220,7 +235,7 @@ def soft_conv_path(
                                                 np.asarray(sample_weight)[idx_val])
 
     track = Track(X, y, sample_weight, X_val, y_val, sample_weight_val)
-    started = None
+    started, start_time = None, time.perf_counter()
     if values is None and params == ("tying",):  # the grid's top from the CNN limit the path starts at
         _check_grid(n_values, eps)
         started, (top,) = _cnn_limit_starts(est, [track], {})
@@ -240,7 +255,8 @@ def soft_conv_path(
     else:
         points = [(t,) for t in axes[0]]
     (record,) = _fit_paths(est, [track], params, points, row_length=len(axes[0]) if grid else None,
-                           scoring=scoring, return_weights=return_weights, verbose=verbose, started=started)
+                           scoring=scoring, return_weights=return_weights, verbose=verbose, started=started,
+                           start_time=start_time, patience=path_n_iter_no_change)
     return SoftConvPath(
         param=params if grid else param,
         values=np.array(points) if grid else np.array([p[0] for p in points]),
@@ -263,7 +279,8 @@ class Track:
 
 def _fit_paths(estimator, tracks: list[Track], params: tuple, points: list, *, row_length: int | None = None,
                scoring=None, return_weights: bool = False, verbose: int = 0, batch="auto",
-               train_score: bool = True, started: list | None = None) -> list[dict]:
+               train_score: bool = True, started: list | None = None, start_time: float | None = None,
+               patience: int | None = PATH_N_ITER_NO_CHANGE) -> list[dict]:
     """Warm-started fits of ``estimator`` at ``points`` (strengths of ``params``), one path per track.
 
     The tracks move through the points together: at each point all their
@@ -273,7 +290,7 @@ def _fit_paths(estimator, tracks: list[Track], params: tuple, points: list, *, r
     row. Returns per track the per-point arrays of :class:`SoftConvPath`
     (``train_score=False``: no training score, one prediction pass less a point).
     """
-    start = time.perf_counter()
+    start = time.perf_counter() if start_time is None else start_time
     first = dict(zip(params, points[0]))
     ests = started if started is not None else _start_paths(
         estimator, tracks, first if first.get("tying", 0.0) > 0 else None, batch=batch)
@@ -291,7 +308,7 @@ def _fit_paths(estimator, tracks: list[Track], params: tuple, points: list, *, r
         for est in ests:
             est.set_params(**dict(zip(params, point)))
         warm = hasattr(ests[0], "network_")  # every point but a path's cold first one
-        _solve_quietly(ests, tracks, batch, lbfgs_patience=PATH_N_ITER_NO_CHANGE if warm else None)
+        _solve_quietly(ests, tracks, batch, lbfgs_patience=patience if warm else None)
         elapsed = (time.perf_counter() - start) / len(tracks)  # a shared run: split evenly
         if row_start:
             row_starts = [fitted_state(est) for est in ests]
@@ -353,7 +370,9 @@ def _cnn_limit_starts(estimator, tracks: list[Track], strengths: dict) -> tuple[
 
     :func:`softcnn.limits.tying_max`'s condition is evaluated on the start
     itself, as the fitted ``tying_max_`` is, so a data-driven tying grid costs
-    no fit beyond the ones its paths start from.
+    no fit beyond the ones its paths start from, except a short reference fit
+    warm-started from a start that does not solve the reference problem
+    (``early_stopping``, other non-smooth penalties, snapping, ``max_iter``).
     """
     from .limits import _fitted_tying_max
 

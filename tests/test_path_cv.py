@@ -151,7 +151,7 @@ def test_regressor_cv_grid_with_1se_and_no_refit(cnn_data):
 
 def test_data_driven_tying_grid_starts_at_the_largest_training_fold_tying_max(cnn_data, monkeypatch):
     """tyings=int: the grid's top is tying_max_ at each training fold's CNN limit, the largest over the
-    folds; no reference fit on all data (tying_max) unless a locality grid needs one."""
+    folds; no reference fit on all data (tying_max) unless a data-driven locality grid needs one."""
     X, y = cnn_data
     folds = list(KFold(3).split(X))
     base = dict(channels=2, tying_penalty="l1", max_iter=60, random_state=0)
@@ -169,13 +169,33 @@ def test_data_driven_tying_grid_starts_at_the_largest_training_fold_tying_max(cn
             cnn._fit(X[train], y[train], None, incremental=False, _constrain=_freeze_deviations)
             maxima.append(limits._fitted_tying_max(cnn, X[train], y[train])[0])
         SoftConvRegressorCV(tyings=2, localities=[1.0, 0.0], cv=folds, refit=False, **base).fit(X, y)
-        assert len(calls) == 1
+        assert not calls  # explicit localities: the folds' starts still give the tying grid
+        SoftConvRegressorCV(tyings=2, localities=2, cv=folds, refit=False, **base).fit(X, y)
+        assert len(calls) == 1  # a data-driven locality grid: both grids from all data
     assert len(set(maxima)) == 3  # the folds disagree, so taking the largest matters
     top = max(maxima)
     np.testing.assert_allclose(cv.tyings_, [top, top / 10, top / 100], rtol=1e-12)
     # the paths continue from the starts made in the jobs (returned to the parent and sent back)
     np.testing.assert_array_equal(in_two_jobs.tyings_, cv.tyings_)
     np.testing.assert_array_equal(in_two_jobs.scores_path_, cv.scores_path_)
+
+
+def test_path_patience_is_a_parameter(cnn_data):
+    """path_n_iter_no_change=None: warm points keep the estimator's n_iter_no_change (11 iterations
+    where every iteration gains less than tol); the default caps it; bad values fail before fitting."""
+    X, y = cnn_data
+    est = SoftConvRegressor(channels=2, max_iter=200, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        capped = soft_conv_path(est, X, y, values=[1.0, 0.5, 0.25])
+        uncapped = soft_conv_path(est, X, y, values=[1.0, 0.5, 0.25], path_n_iter_no_change=None)
+    assert np.all(capped.n_iter <= uncapped.n_iter) and np.any(capped.n_iter < uncapped.n_iter)
+    assert np.all(uncapped.n_iter >= est.n_iter_no_change + 1)
+    for bad in (0, 2.5, "4"):
+        with pytest.raises((ValueError, TypeError), match="path_n_iter_no_change"):
+            soft_conv_path(est, X, y, values=[1.0], path_n_iter_no_change=bad)
+        with pytest.raises((ValueError, TypeError), match="path_n_iter_no_change"):
+            SoftConvRegressorCV(tyings=[1.0], path_n_iter_no_change=bad).fit(X, y)
 
 
 def test_data_driven_path_over_tying_starts_at_its_cnn_limit_tying_max(cnn_data, monkeypatch):
