@@ -499,11 +499,6 @@ class SoftConv2d(nn.Module):
             head = idx.shape[:4]
             return np.concatenate([idx.reshape(*head, 1, -1), np.full((*head, 1, 1), C * channel_stride)], axis=-1)
 
-        off = per_entry(ah.offset, aw.offset, Sw, Sh * Sw)
-        ok = ah.valid[:, None, :, None, :, None] & aw.valid[None, :, None, :, None, :]  # in support and image
-        head = ok.shape[:4]
-        ok = np.broadcast_to(ok[..., None, :, :], (*head, C, *ok.shape[4:])).reshape(*head, 1, -1)
-        ok = np.concatenate([ok, np.ones((*head, 1, 1), dtype=bool)], axis=-1)
         self.tile_shape = (th, tw)
         self._tiles = (ah, aw)
         if (th, tw) == (1, 1):
@@ -512,6 +507,15 @@ class SoftConv2d(nn.Module):
             self.formulation = "dense"
         else:
             self.formulation = "tiled"
+        if self._one_gemm:  # index maps unused: not built, stored or pickled (tens of MB at 28x28)
+            for name in ("_tile_index", "_tile_valid", "_tile_rows"):
+                self.register_buffer(name, None, persistent=False)
+            return
+        off = per_entry(ah.offset, aw.offset, Sw, Sh * Sw)
+        ok = ah.valid[:, None, :, None, :, None] & aw.valid[None, :, None, :, None, :]  # in support and image
+        head = ok.shape[:4]
+        ok = np.broadcast_to(ok[..., None, :, :], (*head, C, *ok.shape[4:])).reshape(*head, 1, -1)
+        ok = np.concatenate([ok, np.ones((*head, 1, 1), dtype=bool)], axis=-1)
         self.register_buffer("_tile_index", torch.as_tensor(np.where(ok, off, 0), device=device), persistent=False)
         self.register_buffer("_tile_valid", torch.as_tensor(ok, device=device), persistent=False)
         rows = None
@@ -592,7 +596,7 @@ class SoftConv2d(nn.Module):
         self.deviation.mul_(1 - exists).addcmul_(raw, exists)
 
     def as_deviation_storage(self, values: torch.Tensor) -> torch.Tensor:
-        """``values`` broadcastable to ``(L, F, K)``, in the layout of the ``deviation`` parameter.
+        """``values`` of shape ``(K,)``, ``(F or 1, K)`` or ``(L or 1, F or 1, K)``, in the layout of ``deviation``.
 
         Its existing offsets, broadcastable to ``deviation``: for multiplying
         the parameter or its gradient by per-entry factors whatever the storage.

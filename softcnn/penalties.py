@@ -279,16 +279,6 @@ def _dev_step(layer: SoftConv2d, step: float) -> float:
     return step * c * c / layer.n_positions
 
 
-def _write_deviations(layer: SoftConv2d, d_new: torch.Tensor) -> None:
-    """Store new deviations at existing offsets; absent offsets keep their (irrelevant) values.
-
-    ``d_new`` (``(L, F, K)``, owned by the caller) is overwritten: the write is done in place,
-    as full-size temporaries and boolean selections cost more than the arithmetic. The
-    selection ``d * (1 - e) + d_new * e`` with ``e`` in {0, 1} is exact for finite values.
-    """
-    layer.set_deviations(d_new, consume=True)
-
-
 def _exists(layer: SoftConv2d, dtype: torch.dtype) -> torch.Tensor:
     """The existence mask as 0/1 numbers, ``(L, 1, K)``: multiplying is faster than selecting."""
     return layer.mask.unsqueeze(1).to(dtype)
@@ -297,9 +287,9 @@ def _exists(layer: SoftConv2d, dtype: torch.dtype) -> torch.Tensor:
 def _write_kernels(layer: SoftConv2d, w_new: torch.Tensor) -> None:
     """Store new effective kernels at existing offsets through ``d = w - m`` (``m`` is kept).
 
-    ``w_new`` is overwritten (see :func:`_write_deviations`). The raw deviation ``(w - m) / c``
-    is computed in one pass as ``w / c - m / c``: the same numbers for the power-of-two scales
-    of proximal fits, and exactly 0 where ``w = m``.
+    ``w_new`` is overwritten (in place: full-size temporaries cost more than the arithmetic).
+    The raw deviation ``(w - m) / c`` is computed in one pass as ``w / c - m / c``: the same
+    numbers for the power-of-two scales of proximal fits, and exactly 0 where ``w = m``.
     """
     c = layer.deviation_scale
     layer.set_raw_deviations(torch.addcdiv(-(layer.shared_kernel() / c), w_new, c, out=w_new))
@@ -312,7 +302,7 @@ def _write_tied(layer: SoftConv2d, w_new: torch.Tensor, m_new: torch.Tensor) -> 
     position tied to it (``m_new`` is the prox's output at ``w_p = m``), so
     tied positions stay exactly tied and a strong tying penalty on ``d``
     does not undo their shrinkage. ``w_new`` is overwritten (see
-    :func:`_write_deviations`).
+    :func:`_write_kernels`).
     """
     layer.shared.copy_(m_new / layer.shared_scale)
     _write_kernels(layer, w_new)
@@ -376,7 +366,7 @@ class TyingL1Mean(_NonSmooth):
 
     @torch.no_grad()
     def prox(self, layer, step):
-        _write_deviations(layer, _prox.soft_threshold(layer.deviations(), _dev_step(layer, step)))
+        layer.set_deviations(_prox.soft_threshold(layer.deviations(), _dev_step(layer, step)), consume=True)
 
 
 @register("tying", "group", "mean")
@@ -394,7 +384,7 @@ class TyingGroupMean(_NonSmooth):
     @torch.no_grad()
     def prox(self, layer, step):
         d = layer.masked_deviation()
-        _write_deviations(layer, _prox.group_soft_threshold(d, _dev_step(layer, step), dim=(1, 2)))
+        layer.set_deviations(_prox.group_soft_threshold(d, _dev_step(layer, step), dim=(1, 2)), consume=True)
 
 
 class _TyingTV(_NonSmooth):
@@ -419,7 +409,7 @@ class _TyingTV(_NonSmooth):
             workspace=state.setdefault("tv_workspace", {}),
         )
         state["tv_dual"] = (key, dual)
-        _write_deviations(layer, d)
+        layer.set_deviations(d, consume=True)
 
     def finalize(self, layer):
         _recentre(layer)
