@@ -86,7 +86,7 @@ def part_cd(X, y):
     total, cv = timed(lambda: cv_est.fit(X, y))
     print(f"(c) all of digits ({len(y)} samples): cold fit {cold:.1f} s ({one.n_iter_} iterations); "
           f"SoftConvClassifierCV(tyings=10, cv=5).fit {total:.1f} s, of which the 5 fold paths "
-          f"{cv.cv_time_:.1f} s (the rest: the grid's tying_max and the refit); chosen tying {cv.tying_:.3g}, "
+          f"{cv.cv_time_:.1f} s (their CNN-limit starts give the grid; the rest: the refit); chosen tying {cv.tying_:.3g}, "
           f"CV accuracy {cv.best_score_:.4f}; ratio {total / cold:.1f} (target <= 10), "
           f"fold paths alone {cv.cv_time_ / cold:.1f}")
 
