@@ -632,6 +632,29 @@ class SoftConv2d(nn.Module):
         scale, L = self.deviation_scale, self.n_positions
         return torch.cat([_window_view(scale[:-1], self._geometry).reshape(-1, 1, L), scale[-1:].expand(1, 1, L)])
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if "_one_gemm" not in state:  # pickled before covering supports stored compact deviations
+            self._rebuild_from_parameters()
+
+    def _rebuild_from_parameters(self) -> None:
+        """Rebuild the derived state (geometry, storage, index maps) of a layer unpickled from an
+        earlier version, keeping its parameters' values (converted by :meth:`_load_from_state_dict`),
+        its formulation and tile shape, and whether it is training."""
+        values = {name: p.detach() for name, p in self._parameters.items()}
+        values.update({name: self._buffers[name] for name in ("shared_scale", "deviation_scale")})
+        ref = values["deviation"]
+        fresh = SoftConv2d(self.in_channels, self.out_channels, self.kernel_size, self.input_shape,
+                           stride=self.stride, padding=self.padding, support=self.support, dtype=ref.dtype,
+                           device=ref.device)
+        fresh._build_tiles(self.formulation, device=ref.device, tile_shape=self.tile_shape)
+        fresh.load_state_dict(values)
+        for name, p in self._parameters.items():
+            fresh._parameters[name].requires_grad_(p.requires_grad)
+        training = self.training
+        self.__dict__.update(fresh.__dict__)
+        self.training = training
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # state dicts saved before the compact storage hold (L, F, K) 'full' deviations
         key = prefix + "deviation"

@@ -482,3 +482,22 @@ def test_covering_layer_refuses_a_double_backward():
     (g,) = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="twice"):
         g.pow(2).sum().backward()
+
+
+def test_layers_pickled_before_the_compact_storage_load_and_predict():
+    """Pickles made by commit 161e43c (before covering supports stored compact deviations) load.
+
+    ``tests/data/softconv2d_pickles_161e43c.pt`` holds, for a 'full' ('same') and a windowed
+    (support 5, 'valid', stride 2) float64 layer ``SoftConv2d(1, 2, 3, (4, 5))`` with random
+    ``shared`` and ``deviation`` (seed 0): ``pickle.dumps(layer)``, an input and the output that
+    code computed.
+    """
+    import pathlib
+    import pickle
+
+    saved = torch.load(pathlib.Path(__file__).parent / "data" / "softconv2d_pickles_161e43c.pt", weights_only=False)
+    for name, (blob, x, expected) in saved.items():
+        layer = pickle.loads(blob)
+        torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-12)
+        assert layer.deviation.shape == ((21, 2, 20) if name == "full" else (2, 2, 21))  # compact for 'full'
+        assert layer.deviation.requires_grad
