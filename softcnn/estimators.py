@@ -450,13 +450,13 @@ class BaseSoftConv(BaseEstimator, metaclass=ABCMeta):
         for layer in net.soft_layers:
             for _, pen in problem.penalties:
                 pen.finalize(layer)
-        for _, pen in problem.penalties:
-            pen.clear_state()  # warm starts and caches (a TV dual: twice the deviations) end with the fit
         n_snapped = sum(layer.snap(float(self.threshold)) for layer in net.soft_layers)
         # No extra pass over the data: L-BFGS's last value is J at the final weights (all of J
         # is smooth there); Adam/SGD report the last epoch's mean, as MLPClassifier does.
         known = solver in ("lbfgs", "adam", "sgd") and result.loss_curve and not n_snapped and not result.diverged
         final_loss = result.loss_curve[-1] if known else objective.total()
+        for _, pen in problem.penalties:
+            pen.clear_state()  # warm starts and caches (a TV dual: twice the deviations) end with the fit
 
         # Everything below only assigns: the estimator changes all at once.
         for name, value in problem.target_attrs.items():

@@ -234,6 +234,54 @@ def _window_adjoint(g: torch.Tensor, geometry: tuple) -> torch.Tensor:
     return acc.permute(3, 0, 1, 2).flip(2, 3).reshape(B, -1)
 
 
+def _stored_kernels(values: torch.Tensor, m: torch.Tensor | None, scale: torch.Tensor, geometry: tuple | None,
+                    out: torch.Tensor | None = None, *, divide: bool = False) -> torch.Tensor:
+    """``m + scale * values`` at each entry of a layer's storage (``m + values / scale`` with
+    ``divide``, into ``out`` only; ``m`` None: no ``m`` term).
+
+    ``values`` is in the layout of ``deviation``; ``m`` ``(F, K)`` and ``scale`` ``(K,)`` are read
+    at each entry: broadcast over an ``(L, F, K)`` storage (``geometry`` None), through their
+    windows (:func:`_window_view`, no copy) in a compact one ``(C H W + 1, F, L)``, bias row last.
+    Into ``out`` (not differentiable; it may be ``values``), else a new tensor (differentiable).
+    """
+    if m is None:
+        op = torch.div if divide else torch.mul
+    else:
+        op = torch.addcdiv if divide else torch.addcmul
+    if geometry is None:
+        return op(values, scale, out=out) if m is None else op(m, values, scale, out=out)
+    C, H, W, Lh, Lw, _, _ = geometry
+    chw, Fo = C * H * W, values.shape[1]
+    parts = [(values[:chw].view(C, H, W, Fo, Lh, Lw), _window_view(scale[None, :-1], geometry)),
+             (values[chw], scale[-1])]
+    if m is not None:
+        parts = [(_window_view(m[:, :-1], geometry), *parts[0]), (m[:, -1:], *parts[1])]
+    if out is None:  # in the layout of ``values`` (an addcmul would take the windows' strides)
+        (t, v, c), (tb, vb, cb) = parts if m is not None else [(0, *p) for p in parts]
+        return torch.cat([(v * c + t).view(chw, Fo, -1), (vb * cb + tb).unsqueeze(0)])
+    op(*parts[0], out=out[:chw].view(C, H, W, Fo, Lh, Lw))
+    op(*parts[1], out=out[chw])
+    return out
+
+
+def _stored_adjoint(g: torch.Tensor, geometry: tuple | None) -> torch.Tensor:
+    """The adjoint of reading ``m`` at each stored entry (:func:`_stored_kernels`): ``g``, in the
+    layout of ``deviation``, summed over the entries of each kernel entry, ``(F, K)``."""
+    if geometry is None:
+        return g.sum(0)
+    chw = g.shape[0] - 1
+    return torch.cat([_window_adjoint(g[:chw], geometry), g[chw].sum(-1).unsqueeze(-1)], dim=1)
+
+
+def _vmap_per_model(fn, info, in_dims, *args):
+    """A ``vmap`` rule for an autograd Function that writes into its own buffers (``out=``, which
+    vmap cannot batch): ``fn`` on one model at a time, outputs stacked along dimension 0."""
+    outs = [fn(*(a.select(d, b) if isinstance(a, torch.Tensor) and d is not None else a
+                 for a, d in zip(args, in_dims)))
+            for b in range(info.batch_size)]
+    return tuple(torch.stack(o) for o in zip(*outs)), (0,) * len(outs[0])
+
+
 #: :class:`_CoveringDense` keeps a weight block up to this size for the backward. A larger one is
 #: built and multiplied in chunks of output channels of about ``_CHUNK_BYTES`` (in the cache), and
 #: rebuilt chunk by chunk in the backward: allocators map a block that large anew at every call
@@ -736,6 +784,63 @@ class SoftConv2d(nn.Module):
         """Spread a per-offset ``(Sh, Sw)`` map over the kernel vector ``(K,)``."""
         flat = values.reshape(-1).repeat(self.in_channels)
         return torch.cat([flat, flat.new_full((1,), bias_value)])
+
+    # ------------------------------------------------- stored entries (penalties)
+    # Penalties that act entry by entry, or reduce over positions or channels, work in the
+    # layout of ``deviation``: with compact storage the (L, F, K) view is four times larger
+    # and building it costs several training steps.
+    @property
+    def stored_geometry(self) -> tuple | None:
+        """The compact storage's geometry for the module functions on stored entries; None for
+        an ``(L, F, K)`` storage."""
+        return self._geometry if self._compact else None
+
+    @property
+    def stored_position_dim(self) -> int:
+        """The dimension of ``deviation`` that indexes positions: 0, or 2 with compact storage."""
+        return 2 if self._compact else 0
+
+    def stored_exists(self) -> torch.Tensor | None:
+        """Existence of each stored entry as 0/1 numbers broadcastable to ``deviation``, ``(L, 1, K)``;
+        None when every stored entry exists (compact storage)."""
+        return None if self._compact else self.mask.unsqueeze(1).to(self.deviation.dtype)
+
+    def stored_weights(self, t: torch.Tensor) -> torch.Tensor:
+        """The entries of ``t`` (in the layout of ``deviation``) that are weights, not biases (a view)."""
+        return t[:-1] if self._compact else t[..., :-1]
+
+    def stored_deviations(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Deviations ``d`` at the stored entries, in the layout of ``deviation`` (into ``out``
+        without autograd); absent offsets of an ``(L, F, K)`` storage hold arbitrary values."""
+        return _stored_kernels(self.deviation, None, self.deviation_scale, self.stored_geometry, out)
+
+    def stored_kernels(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``m + d`` at the stored entries, in the layout of ``deviation`` (into ``out`` without
+        autograd): :meth:`unmasked_kernels` for an ``(L, F, K)`` storage."""
+        return _stored_kernels(self.deviation, self.shared_kernel(), self.deviation_scale, self.stored_geometry, out)
+
+    @torch.no_grad()
+    def set_stored_deviations(self, d: torch.Tensor, *, consume: bool = False) -> None:
+        """Store deviations given in the layout of ``deviation`` (existing entries only, like
+        :meth:`set_deviations`; ``consume=True`` lets ``d`` be overwritten)."""
+        if not self._compact:
+            self.set_deviations(d, consume=consume)
+            return
+        _stored_kernels(d, None, self.deviation_scale, self._geometry, out=self.deviation, divide=True)
+
+    @torch.no_grad()
+    def set_stored_kernels(self, w: torch.Tensor) -> None:
+        """Store kernels ``w``, given in the layout of ``deviation``, as ``d = w - m`` (``m`` is kept).
+
+        ``w`` is overwritten. The raw deviation ``(w - m) / c`` is computed in one pass as
+        ``w / c - m / c``: the same numbers for the power-of-two scales of proximal fits, and
+        exactly 0 where ``w = m``.
+        """
+        m_c = self.shared_kernel() / self.deviation_scale
+        if self._compact:  # every stored entry exists: straight into the parameter
+            _stored_kernels(w, -m_c, self.deviation_scale, self._geometry, out=self.deviation, divide=True)
+        else:
+            self.set_raw_deviations(torch.addcdiv(-m_c, w, self.deviation_scale, out=w))
 
     # --------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from . import prox as _prox
-from .layers import SoftConv2d
+from .layers import SoftConv2d, _stored_adjoint, _stored_kernels, _vmap_per_model
 
 __all__ = [
     "Penalty",
@@ -153,16 +153,20 @@ class Penalty(ABC):
         states = self.__dict__.setdefault("_layer_state", weakref.WeakKeyDictionary())
         return states.setdefault(layer, {})
 
-    def _kernel_buffer(self, layer: SoftConv2d, name: str) -> torch.Tensor:
-        """A scratch tensor of the kernel view's shape ``(L, F, K)``, kept per layer (fresh memory
-        costs more than the arithmetic on CPU); its content is undefined."""
+    def _kernel_buffer(self, layer: SoftConv2d, name: str, *, stored: bool = False) -> torch.Tensor:
+        """A scratch tensor of the kernel view's shape ``(L, F, K)`` (``stored``: of ``deviation``'s),
+        kept per layer (fresh memory costs more than the arithmetic on CPU); its content is undefined."""
         m = layer.shared
-        shape = (layer.n_positions, *m.shape)
+        shape = tuple(layer.deviation.shape) if stored else (layer.n_positions, *m.shape)
         state = self._state(layer)
         buf = state.get(name)
         if buf is None or buf.shape != shape or buf.dtype != m.dtype or buf.device != m.device:
             buf = state[name] = m.new_empty(shape)
         return buf
+
+    def _squared_norms(self, layer: SoftConv2d, t: torch.Tensor, dim: tuple[int, ...]) -> torch.Tensor:
+        """``Σ t²`` over ``dim`` (keepdim) of a tensor of ``deviation``'s shape, squared in a kept buffer."""
+        return torch.mul(t, t, out=self._kernel_buffer(layer, "squares", stored=True)).sum(dim, keepdim=True)
 
     def _cached(self, layer: SoftConv2d, name: str, build: Callable[[], object]):
         """``build()``, computed once per layer while its mask (object and content) and dtype stay.
@@ -236,6 +240,66 @@ class _GridSquares(torch.autograd.Function):
         return (_diff_adjoint(dv, 0) + _diff_adjoint(dh, 1)) * (2 * grad), None, None
 
 
+class _StoredSquares(torch.autograd.Function):
+    r"""``Σ_e (r_e a_e)²`` over a layer's stored entries ``e``, in the layout of ``deviation``:
+    ``a = c x`` (``m`` None: the deviations) or ``a = m + c x`` (the kernels), for the raw
+    ``deviation`` ``x``, its per-offset scales ``c`` and the shared kernels ``m`` read at each entry
+    (:func:`softcnn.layers._stored_kernels`; ``geometry`` None for an ``(L, F, K)`` storage),
+    with weights ``r`` (broadcastable; None: all 1).
+
+    Its backward is written out, ``2 r² a`` times ``c`` for ``x`` and summed onto the kernel
+    entries for ``m``, in two passes where autograd's revisits several full-size intermediates.
+    It also returns ``r a`` (not differentiable), which the backward keeps; a differentiable
+    backward (``create_graph=True``) recomputes it, so second derivatives are exact.
+    """
+
+    @staticmethod
+    def _weighted(x, m, c, r, geometry, in_place):
+        """``r a``: in place in a new buffer, or differentiably (``in_place=False``)."""
+        if not in_place:
+            a = _stored_kernels(x, m, c, geometry)
+            return a if r is None else a * r
+        a = _stored_kernels(x, m, c, geometry, out=torch.empty_like(x))
+        return a if r is None else a.mul_(r)
+
+    @staticmethod
+    def forward(x, m, c, r, geometry):
+        ra = _StoredSquares._weighted(x, m, c, r, geometry, in_place=True)
+        return torch.dot(ra.view(-1), ra.view(-1)), ra
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, m, c, r, geometry = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, m, c, r, output[1])
+        ctx.geometry = geometry
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        x, m, c, r, ra = ctx.saved_tensors
+        if torch.is_grad_enabled():  # a differentiable backward (create_graph): recomputed with a graph
+            ra = _StoredSquares._weighted(x, m, c, r, ctx.geometry, in_place=False)
+        g = ra * (2 * grad if r is None else 2 * grad * r)  # 2 r² a, a new tensor: scaled in place below
+        grad_m = None if m is None or not ctx.needs_input_grad[1] else _stored_adjoint(g, ctx.geometry)
+        grad_x = _stored_kernels(g, None, c, ctx.geometry, out=None if torch.is_grad_enabled() else g)
+        return grad_x, grad_m, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, m, c, r, geometry):
+        return _vmap_per_model(_StoredSquares.apply, info, in_dims, x, m, c, r, geometry)
+
+
+def _stored_squares(layer: SoftConv2d, weights: torch.Tensor | None, *, kernels: bool) -> torch.Tensor:
+    """``Σ weights · a²`` over the existing entries, ``a`` the kernels ``m + d`` or the deviations
+    ``d``, ``weights`` in the layout of ``deviation`` (None: 1)."""
+    exists = layer.stored_exists()
+    r = None if weights is None else weights.sqrt()
+    r = exists if r is None else r if exists is None else r * exists
+    m = layer.shared_kernel() if kernels else None
+    return _StoredSquares.apply(layer.deviation, m, layer.deviation_scale, r, layer.stored_geometry)[0]
+
+
 @register("tying", "l2", "mean")
 class TyingL2Mean(Penalty):
     r"""Ridge tying to a shared kernel: :math:`\sum_p \|w_p - m\|_2^2` with ``m`` free.
@@ -245,7 +309,7 @@ class TyingL2Mean(Penalty):
     """
 
     def layer_value(self, layer):
-        return layer.masked_deviation().pow(2).sum()
+        return _stored_squares(layer, None, kernels=False)
 
     def curvature(self, layer):
         return 0.0, 2.0
@@ -284,34 +348,30 @@ def _exists(layer: SoftConv2d, dtype: torch.dtype) -> torch.Tensor:
     return layer.mask.unsqueeze(1).to(dtype)
 
 
-def _write_kernels(layer: SoftConv2d, w_new: torch.Tensor) -> None:
-    """Store new effective kernels at existing offsets through ``d = w - m`` (``m`` is kept).
-
-    ``w_new`` is overwritten (in place: full-size temporaries cost more than the arithmetic).
-    The raw deviation ``(w - m) / c`` is computed in one pass as ``w / c - m / c``: the same
-    numbers for the power-of-two scales of proximal fits, and exactly 0 where ``w = m``.
-    """
-    c = layer.deviation_scale
-    layer.set_raw_deviations(torch.addcdiv(-(layer.shared_kernel() / c), w_new, c, out=w_new))
-
-
 def _write_tied(layer: SoftConv2d, w_new: torch.Tensor, m_new: torch.Tensor) -> None:
-    """Store new kernels with a new shared kernel: ``m = m_new``, ``d = w_new - m``.
+    """Store new kernels (in the layout of ``deviation``) with a new shared kernel: ``m = m_new``,
+    ``d = w_new - m``.
 
     Penalties on the effective weights move ``m`` the way they move a
     position tied to it (``m_new`` is the prox's output at ``w_p = m``), so
     tied positions stay exactly tied and a strong tying penalty on ``d``
     does not undo their shrinkage. ``w_new`` is overwritten (see
-    :func:`_write_kernels`).
+    :meth:`SoftConv2d.set_stored_kernels`).
     """
     layer.shared.copy_(m_new / layer.shared_scale)
-    _write_kernels(layer, w_new)
+    layer.set_stored_kernels(w_new)
 
 
-def _raw_kernels(layer: SoftConv2d, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``m + d_p`` without the existence mask (the values a prox on ``w`` starts from); a new
-    tensor, or ``out``."""
-    return layer.unmasked_kernels(out=out)
+def _masked(layer: SoftConv2d, t: torch.Tensor) -> torch.Tensor:
+    """``t`` (in the layout of ``deviation``) with absent entries zeroed, in place."""
+    exists = layer.stored_exists()
+    return t if exists is None else t.mul_(exists)
+
+
+def _existing(layer: SoftConv2d, t: torch.Tensor) -> torch.Tensor:
+    """``t`` (in the layout of ``deviation``) with absent entries zeroed, differentiably."""
+    exists = layer.stored_exists()
+    return t if exists is None else t * exists
 
 
 @torch.no_grad()
@@ -323,7 +383,7 @@ def _recentre(layer: SoftConv2d) -> None:
     position tied to the majority value have ``d_p = 0`` exactly, so
     ``n_tied_positions_`` counts them.
     """
-    w = _raw_kernels(layer)
+    w = layer.unmasked_kernels()
     mask = layer.mask.unsqueeze(1).expand_as(w)
     med = torch.where(mask, w, torch.full_like(w, float("nan"))).nanmedian(dim=0).values
     med = torch.nan_to_num(med, nan=0.0)
@@ -362,11 +422,12 @@ class TyingL1Mean(_NonSmooth):
     """
 
     def layer_value(self, layer):
-        return layer.masked_deviation().abs().sum()
+        return _existing(layer, layer.stored_deviations()).abs().sum()
 
     @torch.no_grad()
     def prox(self, layer, step):
-        layer.set_deviations(_prox.soft_threshold(layer.deviations(), _dev_step(layer, step)), consume=True)
+        d = layer.stored_deviations(out=self._kernel_buffer(layer, "deviations", stored=True))
+        layer.set_stored_deviations(_prox.soft_threshold(d, _dev_step(layer, step), out=d), consume=True)
 
 
 @register("tying", "group", "mean")
@@ -379,12 +440,27 @@ class TyingGroupMean(_NonSmooth):
     """
 
     def layer_value(self, layer):
-        return torch.linalg.vector_norm(layer.masked_deviation(), dim=(1, 2)).sum()
+        return torch.linalg.vector_norm(_existing(layer, layer.stored_deviations()), dim=_entry_dims(layer)).sum()
 
     @torch.no_grad()
     def prox(self, layer, step):
-        d = layer.masked_deviation()
-        layer.set_deviations(_prox.group_soft_threshold(d, _dev_step(layer, step), dim=(1, 2)), consume=True)
+        # group_soft_threshold in place, with the norms summed from squares in a kept buffer
+        # (torch's norms over leading dimensions of a 'full' storage are slower than the prox)
+        d = _masked(layer, layer.stored_deviations(out=self._kernel_buffer(layer, "deviations", stored=True)))
+        d.mul_(_shrink_factor(self._squared_norms(layer, d, _entry_dims(layer)), _dev_step(layer, step)))
+        layer.set_stored_deviations(d, consume=True)
+
+
+def _shrink_factor(squared_norms: torch.Tensor, t: float) -> torch.Tensor:
+    """Block soft thresholding's factor ``max(0, 1 - t / norm)`` per group (0 for a zero group)."""
+    norm = squared_norms.sqrt_()
+    keep = norm > t
+    return torch.where(keep, 1 - t / torch.where(keep, norm, torch.ones_like(norm)), 0.0)
+
+
+def _entry_dims(layer: SoftConv2d) -> tuple[int, int]:
+    """The dimensions of ``deviation`` other than positions': one position's entries."""
+    return tuple(i for i in range(3) if i != layer.stored_position_dim)
 
 
 class _TyingTV(_NonSmooth):
@@ -478,10 +554,10 @@ class TyingL1All(_NonSmooth):
         if L < 2:
             return
         t = _dev_step(layer, step) / (L - 1)
-        w = _raw_kernels(layer, out=self._kernel_buffer(layer, "kernels"))
+        w = layer.unmasked_kernels(out=self._kernel_buffer(layer, "kernels"))
         _prox.pairwise_l1_prox(w, t, dim=0, mask=layer.mask.unsqueeze(1), out=w,
                                workspace=self._state(layer).setdefault("workspace", {}))
-        _write_kernels(layer, w)
+        layer.set_stored_kernels(layer.as_deviation_storage(w))
 
     def finalize(self, layer):
         _recentre(layer)
@@ -570,13 +646,17 @@ class _ProfiledPenalty(Penalty):
         )
         return layer.offset_map(g, 0.0)
 
+    def stored_weights(self, layer: SoftConv2d) -> torch.Tensor:
+        """:meth:`weights` at each stored entry, broadcastable to ``deviation``; cached per layer."""
+        return self._cached(layer, "stored_weights", lambda: layer.as_deviation_storage(self.weights(layer)))
+
 
 @register("locality", "l2")
 class LocalityL2(_ProfiledPenalty):
     r"""Weighted ridge on far weights: :math:`\sum_{p,f,c,\delta} g(\delta)\, w_{p,f,c,\delta}^2`."""
 
     def layer_value(self, layer):
-        return (layer.kernels().pow(2) * self.weights(layer)).sum()
+        return _stored_squares(layer, self.stored_weights(layer), kernels=True)
 
     def curvature(self, layer):
         g = 2.0 * self.weights(layer)
@@ -594,13 +674,15 @@ class LocalityL1(_NonSmooth, _ProfiledPenalty):
     """
 
     def layer_value(self, layer):
-        return (layer.kernels().abs() * self.weights(layer)).sum()
+        return (_existing(layer, layer.stored_kernels()).abs() * self.stored_weights(layer)).sum()
 
     @torch.no_grad()
     def prox(self, layer, step):
-        w = _raw_kernels(layer)
-        t, g = _dev_step(layer, step), self.weights(layer)
-        _write_tied(layer, _prox.soft_threshold(w, t, g), _prox.soft_threshold(layer.shared_kernel(), t, g))
+        w = layer.stored_kernels(out=self._kernel_buffer(layer, "kernels", stored=True))
+        t = _dev_step(layer, step)
+        _write_tied(layer, _prox.soft_threshold(w, t, self.stored_weights(layer), out=w,
+                                                workspace=self._state(layer).setdefault("workspace", {})),
+                    _prox.soft_threshold(layer.shared_kernel(), t, self.weights(layer)))
 
 
 def ring_groups(layer: SoftConv2d, full: bool = False) -> torch.Tensor:
@@ -694,12 +776,12 @@ class LocalityRings(_NonSmooth, _ProfiledPenalty):
         # more position: one prox call for both
         L, m = layer.n_positions, layer.shared_kernel()
         w = m.new_empty((L + 1, *m.shape))
-        _raw_kernels(layer, out=w[:L]).mul_(_exists(layer, m.dtype))
+        layer.unmasked_kernels(out=w[:L]).mul_(_exists(layer, m.dtype))
         w[L] = m
         # nested_group_prox from the cached rings (nested by construction: no checks)
         n_groups, ring = self._rings(layer)
         _prox._nested_prox_by_ring(w[..., :-1], [_dev_step(layer, step)] * n_groups, ring, -1, w[..., :-1])
-        _write_tied(layer, w[:L], w[L])
+        _write_tied(layer, layer.as_deviation_storage(w[:L]), w[L])
 
 
 @register("locality", "full_rings")
@@ -740,20 +822,17 @@ class ChannelSparsity(_NonSmooth):
     ``w = m + d``, written back as ``d = w - m``.
     """
 
-    def layer_value(self, layer):
-        return torch.linalg.vector_norm(layer.kernels(), dim=(0, 2)).sum()
+    def layer_value(self, layer):  # the channels are dimension 1 of every storage
+        return torch.linalg.vector_norm(_existing(layer, layer.stored_kernels()), dim=(0, 2)).sum()
 
     @torch.no_grad()
     def prox(self, layer, step):
-        w = _raw_kernels(layer).mul_(_exists(layer, layer.shared.dtype))
-        t = _dev_step(layer, step)
+        w = _masked(layer, layer.stored_kernels(out=self._kernel_buffer(layer, "kernels", stored=True)))
         # block soft thresholding (as prox.group_soft_threshold) by its per-channel factor,
         # applied in place to w and to m alike; 0 + x * factor keeps zeros +0
-        norm = torch.linalg.vector_norm(w, dim=(0, 2))[:, None]
-        keep = norm > t
-        factor = torch.where(keep, 1 - t / torch.where(keep, norm, torch.ones_like(norm)), 0.0)
+        factor = _shrink_factor(self._squared_norms(layer, w, (0, 2)), _dev_step(layer, step))  # (1, F, 1)
         zero = w.new_zeros(())
-        m = torch.addcmul(zero, layer.shared_kernel(), factor)
+        m = torch.addcmul(zero, layer.shared_kernel(), factor.view(-1, 1))
         _write_tied(layer, torch.addcmul(zero, w, factor, out=w), m)
 
 
@@ -766,20 +845,24 @@ class _Elementwise(_NonSmooth):
         """The penalty of each weight."""
 
     @abstractmethod
-    def elementwise_prox(self, w: torch.Tensor, t: float, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The prox of ``t * rho``, entrywise, written to ``out`` if given (it may be ``w``)."""
+    def elementwise_prox(
+        self, w: torch.Tensor, t: float, out: torch.Tensor | None = None, workspace: dict | None = None
+    ) -> torch.Tensor:
+        """The prox of ``t * rho``, entrywise, written to ``out`` if given (it may be ``w``), with
+        scratch buffers kept in ``workspace`` if given."""
 
-    def layer_value(self, layer):
-        return self.rho(layer.kernels()[..., :-1]).sum()
+    def layer_value(self, layer):  # rho(0) = 0: absent entries count for nothing
+        return self.rho(layer.stored_weights(_existing(layer, layer.stored_kernels()))).sum()
 
     def value(self, net):
         return super().value(net) + sum(self.rho(lin.weight).sum() for lin in net.linear_layers)
 
     @torch.no_grad()
     def prox(self, layer, step):
-        w, m = _raw_kernels(layer), layer.shared_kernel()
-        t = _dev_step(layer, step)
-        self.elementwise_prox(w[..., :-1], t, out=w[..., :-1])
+        w = layer.stored_kernels(out=self._kernel_buffer(layer, "kernels", stored=True))
+        m, t = layer.shared_kernel(), _dev_step(layer, step)
+        self.elementwise_prox(layer.stored_weights(w), t, out=layer.stored_weights(w),
+                              workspace=self._state(layer).setdefault("workspace", {}))
         self.elementwise_prox(m[..., :-1], t, out=m[..., :-1])
         _write_tied(layer, w, m)
 
@@ -797,7 +880,7 @@ class SparsityL1(_Elementwise):
     def rho(self, w):
         return w.abs()
 
-    def elementwise_prox(self, w, t, out=None):
+    def elementwise_prox(self, w, t, out=None, workspace=None):
         return _prox.soft_threshold(w, t, out=out)
 
 
@@ -819,8 +902,8 @@ class SparsityTL1(_Elementwise):
     def rho(self, w):
         return (self.a + 1) * w.abs() / (self.a + w.abs())
 
-    def elementwise_prox(self, w, t, out=None):
-        return _prox.tl1_prox(w, t, self.a, out=out)
+    def elementwise_prox(self, w, t, out=None, workspace=None):
+        return _prox.tl1_prox(w, t, self.a, out=out, workspace=workspace)
 
 
 # --------------------------------------------------------------------- ridge
@@ -830,7 +913,9 @@ class Ridge(Penalty):
     biases excluded) plus :math:`\|W\|_F^2` of every dense and read-out layer."""
 
     def layer_value(self, layer):
-        return layer.kernels()[..., :-1].pow(2).sum()
+        weights = self._cached(layer, "stored_weights", lambda: layer.as_deviation_storage(
+            layer.offset_map(torch.ones(layer.support_shape, dtype=layer.shared.dtype, device=layer.mask.device))))
+        return _stored_squares(layer, weights, kernels=True)
 
     def curvature(self, layer):
         return 2.0, 2.0

@@ -43,6 +43,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 __all__ = [
     "soft_threshold",
@@ -193,6 +194,7 @@ def soft_threshold(
     weights: torch.Tensor | float | None = None,
     *,
     out: torch.Tensor | None = None,
+    workspace: dict | None = None,
 ) -> torch.Tensor:
     """Proximal operator of the (weighted) elementwise l1 norm.
 
@@ -208,6 +210,8 @@ def soft_threshold(
     out : torch.Tensor, optional
         Where to write the result (shape, dtype and device of ``x``); it may be
         ``x`` itself or a view of it.
+    workspace : dict, optional
+        Scratch buffers kept between calls (a full-size one with ``weights``).
 
     Returns
     -------
@@ -226,10 +230,14 @@ def soft_threshold(
     ``+0``. Cost :math:`O(\\text{numel})`.
     """
     _check_input(x)
-    t_, _ = _scalar(t, "t", x)
-    thr = t_ if weights is None else t_ * _weights(weights, x, x.shape, "x")
+    t_, t_float = _scalar(t, "t", x)
     _check_out(out, x)
-    return torch.sub(x, torch.clamp(x, -thr, thr), out=out)
+    if weights is None:  # a fused pass, the same numbers; + 0 turns its -0 (x * 0 for x < 0) into +0
+        u = F.softshrink(x, t_float) if out is None else torch._C._nn.softshrink(x, t_float, out=out)
+        return u.add_(0.0)
+    thr = t_ * _weights(weights, x, x.shape, "x")
+    clipped = torch.clamp(x, -thr, thr, out=_scratch(workspace, "clipped", x.shape, x))
+    return torch.sub(x, clipped, out=out)
 
 
 def group_soft_threshold(
@@ -1052,7 +1060,9 @@ def tv_prox(
 _TL1_SERIES = (1.0, 8 / 27, 112 / 729, 640 / 6561, 36608 / 531441)
 
 
-def tl1_prox(x: torch.Tensor, t: Scalar, a: Scalar, *, out: torch.Tensor | None = None) -> torch.Tensor:
+def tl1_prox(
+    x: torch.Tensor, t: Scalar, a: Scalar, *, out: torch.Tensor | None = None, workspace: dict | None = None
+) -> torch.Tensor:
     """Proximal operator of the transformed l1 penalty (nonconvex), closed form.
 
     Parameters
@@ -1067,6 +1077,8 @@ def tl1_prox(x: torch.Tensor, t: Scalar, a: Scalar, *, out: torch.Tensor | None 
     out : torch.Tensor, optional
         Where to write the result (shape, dtype and device of ``x``); it may be
         ``x`` itself or a view of it.
+    workspace : dict, optional
+        Scratch buffers kept between calls (four of the size of ``x``).
 
     Returns
     -------
@@ -1126,18 +1138,22 @@ def tl1_prox(x: torch.Tensor, t: Scalar, a: Scalar, *, out: torch.Tensor | None 
     # in place on four full-size buffers (temporaries cost more than the arithmetic), with no
     # boolean masks (slow on CPU): keep is 1 where |x| > thr, else 0, the comparison written as
     # numbers directly
-    mag = x.abs()
-    keep = torch.gt(mag, thr, out=torch.empty_like(mag))
-    r = torch.add(mag, a_float).reciprocal_()  # 1 / s
+    def buffer(name):
+        return _scratch(workspace, name, x.shape, x)
+
+    mag = torch.abs(x, out=buffer("mag"))
+    keep = torch.gt(mag, thr, out=buffer("keep"))
+    r = torch.add(mag, a_float, out=buffer("r")).reciprocal_()  # 1 / s
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    corr = buffer("corr")
     if n_terms is None:
-        corr = torch.mul(r, r).mul_(r).mul_(27 * c / 4).clamp_(max=1)  # q
+        torch.mul(r, r, out=corr).mul_(r).mul_(27 * c / 4).clamp_(max=1)  # q
         corr.sqrt_().asin_().div_(3).sin_().square_().div_(r).mul_(4 / 3)  # (4/3) s sin^2(phi / 6)
     else:
-        corr = torch.addcmul(zero, r, r, value=c)  # c / s^2, in one pass
+        torch.addcmul(zero, r, r, value=c, out=corr)  # c / s^2, in one pass
         if n_terms > 1:  # corr *= P(q), by Horner (in place on q when it is not needed twice)
             q = r.mul_(corr).mul_(27 / 4)
-            poly = q.mul(_TL1_SERIES[n_terms - 1]) if n_terms > 2 else q.mul_(_TL1_SERIES[1])
+            poly = torch.mul(q, _TL1_SERIES[n_terms - 1], out=buffer("poly")) if n_terms > 2 else q.mul_(_TL1_SERIES[1])
             for k in range(n_terms - 2, 0, -1):
                 poly.add_(_TL1_SERIES[k]).mul_(q)
             corr.mul_(poly.add_(1.0))
