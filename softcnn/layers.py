@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["AxisGeometry", "SoftConv2d", "axis_geometry", "choose_tile", "tile_macs"]
+__all__ = ["AxisGeometry", "NeighbourPairs", "SoftConv2d", "axis_geometry", "choose_tile", "tile_macs"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,40 @@ class AxisGeometry:
         """Boolean ``(extent,)``: offset lies in the nominal window."""
         off = self.offsets()
         return (off >= 0) & (off < self.kernel_size)
+
+
+@dataclass(frozen=True, eq=False)
+class NeighbourPairs:
+    """One kind of 4-neighbour pairs of positions (vertical or horizontal) in a layer's storage.
+
+    ``t = values[rows].view(shape)`` for a tensor ``values`` in the layout of ``deviation``;
+    ``t[first] - t[second]`` is then ``v_q - v_p`` for every entry (offset and channel) that
+    exists at both positions ``p`` and ``q`` of every pair, times ``exists`` (0/1 numbers,
+    broadcastable; None where the slices hold only such entries). ``position_dims`` are the
+    dimensions of that difference indexing the pair (the others are the entries); ``axis`` is
+    0 for vertical pairs, 1 for horizontal ones (a storage may hold a kind in several parts).
+    """
+
+    axis: int
+    rows: slice
+    shape: tuple
+    first: tuple
+    second: tuple
+    exists: torch.Tensor | None
+    position_dims: tuple
+
+    def difference(self, values: torch.Tensor) -> torch.Tensor:
+        """``v_q - v_p`` over the pairs, absent entries 0 (a new tensor; differentiable)."""
+        t = values[self.rows].view(self.shape)
+        diff = t[self.first] - t[self.second]
+        return diff if self.exists is None else diff.mul_(self.exists)
+
+    def add_adjoint_(self, out: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
+        """``out += D^T diff`` (in place) for a difference shaped as :meth:`difference`'s."""
+        t = out[self.rows].view(self.shape)
+        t[self.first] += diff
+        t[self.second] -= diff
+        return out
 
 
 def axis_geometry(size: int, kernel_size: int, stride: int, padding: str, support) -> AxisGeometry:
@@ -818,6 +852,31 @@ class SoftConv2d(nn.Module):
         """``m + d`` at the stored entries, in the layout of ``deviation`` (into ``out`` without
         autograd): :meth:`unmasked_kernels` for an ``(L, F, K)`` storage."""
         return _stored_kernels(self.deviation, self.shared_kernel(), self.deviation_scale, self.stored_geometry, out)
+
+    def stored_neighbour_pairs(self) -> list[NeighbourPairs]:
+        """The vertical and horizontal 4-neighbour pairs of positions in the layout of ``deviation``
+        (:class:`NeighbourPairs`): an entry compared between neighbours is the same offset."""
+        (Lh, Lw), Fo, every = self.output_shape, self.out_channels, slice(None)
+        nxt, prev = slice(1, None), slice(None, -1)
+        if not self._compact:  # the (Lh, Lw, F, K) grid; offsets compared where they exist at both
+            m = self.mask.reshape(Lh, Lw, 1, -1).to(self.deviation.dtype)
+            shape = (Lh, Lw, Fo, -1)
+            return [NeighbourPairs(0, every, shape, (nxt,), (prev,), m[1:] * m[:-1], (0, 1)),
+                    NeighbourPairs(1, every, shape, (every, nxt), (every, prev), m[:, 1:] * m[:, :-1], (0, 1))]
+        # Compact rows are flipped pixels: the offset that reaches row h from position i reaches
+        # row h - sh from position i + 1 (likewise for columns); a row without one has no pair.
+        C, H, W, _, _, sh, sw = self._geometry
+        chw = C * H * W
+        rows, bias = slice(0, chw), slice(chw, chw + 1)
+        shape = (C, H, W, Fo, Lh, Lw)
+        return [
+            NeighbourPairs(0, rows, shape, (every, slice(0, H - sh), every, every, nxt),
+                           (every, slice(sh, None), every, every, prev), None, (4, 5)),
+            NeighbourPairs(1, rows, shape, (every, every, slice(0, W - sw), every, every, nxt),
+                           (every, every, slice(sw, None), every, every, prev), None, (4, 5)),
+            NeighbourPairs(0, bias, (Fo, Lh, Lw), (every, nxt), (every, prev), None, (1, 2)),
+            NeighbourPairs(1, bias, (Fo, Lh, Lw), (every, every, nxt), (every, every, prev), None, (1, 2)),
+        ]
 
     @torch.no_grad()
     def set_stored_deviations(self, d: torch.Tensor, *, consume: bool = False) -> None:

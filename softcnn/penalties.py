@@ -184,60 +184,53 @@ class Penalty(ABC):
 
 
 # --------------------------------------------------------------------- tying
-def _grid(layer: SoftConv2d):
-    """The deviations on the position grid, ``(Lh, Lw, F, K)``, and the 0/1 masks of the offsets
-    existing at both ends of the vertical and of the horizontal 4-neighbour pairs."""
-    Lh, Lw = layer.output_shape
-    d = layer.deviations().reshape(Lh, Lw, layer.out_channels, -1)
-    m = layer.mask.reshape(Lh, Lw, 1, -1).to(d.dtype)  # 0/1: multiplying beats boolean ops
-    return d, m[1:] * m[:-1], m[:, 1:] * m[:, :-1]
+class _NeighbourSquares(torch.autograd.Function):
+    """``Σ ‖d_q - d_p‖²`` over the 4-neighbour pairs ``pairs`` (:meth:`SoftConv2d.stored_neighbour_pairs`)
+    of the deviations ``d = c x`` (raw ``x``, per-offset scales ``c``; ``geometry`` as in
+    :func:`softcnn.layers._stored_kernels`), entries existing at both positions.
 
-
-def _grid_differences(layer: SoftConv2d):
-    """Deviation differences between 4-neighbour positions and the 0/1 masks of offsets existing at both."""
-    d, m_v, m_h = _grid(layer)
-    return [(d[1:] - d[:-1], m_v), (d[:, 1:] - d[:, :-1], m_h)]
-
-
-def _diff_adjoint(diff: torch.Tensor, dim: int) -> torch.Tensor:
-    """``D^T diff`` for the differences ``diff = x[1:] - x[:-1]`` along ``dim``: the shape of ``x``."""
-    n = diff.shape[dim]
-    if n == 0:
-        return diff.new_zeros(diff.shape[:dim] + (1,) + diff.shape[dim + 1 :])
-    inner = diff.narrow(dim, 0, n - 1) - diff.narrow(dim, 1, n - 1)
-    return torch.cat([-diff.narrow(dim, 0, 1), inner, diff.narrow(dim, n - 1, 1)], dim)
-
-
-class _GridSquares(torch.autograd.Function):
-    """``Σ ‖m_pq (d_q - d_p)‖²`` over the 4-neighbour pairs, from :func:`_grid`.
-
-    Its backward, ``2 D^T`` of the masked differences (``m² = m``), is written out: autograd's,
-    through the slices, fills a full-size zero tensor for each. It also returns the masked
-    differences (not differentiable), which the backward keeps; a differentiable backward
-    (``create_graph=True``) recomputes them from ``d``, so second derivatives are exact.
+    Its backward, ``2 c D^T`` of the differences, is written out: autograd's, through the
+    slices, fills a full-size zero tensor for each. It also returns the differences (not
+    differentiable), which the backward keeps; a differentiable backward (``create_graph=True``)
+    recomputes them from ``x``, so second derivatives are exact.
     """
 
-    generate_vmap_rule = True  # for torch.func.vmap (softcnn.batched)
-
     @staticmethod
-    def forward(d, m_v, m_h):
-        dv = torch.sub(d[1:], d[:-1]).mul_(m_v)
-        dh = torch.sub(d[:, 1:], d[:, :-1]).mul_(m_h)
-        return torch.dot(dv.view(-1), dv.view(-1)) + torch.dot(dh.view(-1), dh.view(-1)), dv, dh
+    def forward(x, c, geometry, pairs):
+        d = _stored_kernels(x, None, c, geometry, out=torch.empty_like(x))
+        diffs = [p.difference(d) for p in pairs]
+        return sum(torch.dot(v.view(-1), v.view(-1)) for v in diffs), *diffs
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _, dv, dh = output
-        ctx.mark_non_differentiable(dv, dh)
+        x, c, geometry, pairs = inputs
+        ctx.mark_non_differentiable(*output[1:])
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(*inputs, dv, dh)
+        ctx.save_for_backward(x, c, *output[1:])
+        ctx.geometry, ctx.pairs = geometry, pairs
 
     @staticmethod
-    def backward(ctx, grad, grad_dv, grad_dh):
-        d, m_v, m_h, dv, dh = ctx.saved_tensors
-        if torch.is_grad_enabled():  # a differentiable backward (create_graph): differences with a graph
-            dv, dh = (d[1:] - d[:-1]) * m_v, (d[:, 1:] - d[:, :-1]) * m_h
-        return (_diff_adjoint(dv, 0) + _diff_adjoint(dh, 1)) * (2 * grad), None, None
+    def backward(ctx, grad, *_):
+        x, c, *diffs = ctx.saved_tensors
+        differentiable = torch.is_grad_enabled()  # create_graph: differences with a graph
+        if differentiable:
+            diffs = [p.difference(_stored_kernels(x, None, c, ctx.geometry)) for p in ctx.pairs]
+        g = torch.zeros_like(x)
+        for p, v in zip(ctx.pairs, diffs):  # the masks are 0/1: D^T (m * m (d_q - d_p)) = D^T diff
+            g = p.add_adjoint_(g, v)
+        g = _stored_kernels(g, None, c, ctx.geometry, out=None if differentiable else g)
+        return (g * (2 * grad) if differentiable else g.mul_(2 * grad)), None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, c, geometry, pairs):
+        return _vmap_per_model(_NeighbourSquares.apply, info, in_dims, x, c, geometry, pairs)
+
+
+def _neighbour_differences(layer: SoftConv2d) -> list[tuple]:
+    """``(pairs, differences)`` of the deviations over each kind of 4-neighbour pairs
+    (:class:`~softcnn.layers.NeighbourPairs`; entries existing at both positions)."""
+    d = layer.stored_deviations()
+    return [(p, p.difference(d)) for p in layer.stored_neighbour_pairs()]
 
 
 class _StoredSquares(torch.autograd.Function):
@@ -249,8 +242,9 @@ class _StoredSquares(torch.autograd.Function):
 
     Its backward is written out, ``2 r² a`` times ``c`` for ``x`` and summed onto the kernel
     entries for ``m``, in two passes where autograd's revisits several full-size intermediates.
-    It also returns ``r a`` (not differentiable), which the backward keeps; a differentiable
-    backward (``create_graph=True``) recomputes it, so second derivatives are exact.
+    It also returns ``r a`` (not differentiable), which the backward keeps and turns into the
+    gradient in place (so it runs once: ``retain_graph`` is refused by the version check); a
+    differentiable backward (``create_graph=True``) recomputes it, so second derivatives are exact.
     """
 
     @staticmethod
@@ -278,9 +272,11 @@ class _StoredSquares(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad, _):
         x, m, c, r, ra = ctx.saved_tensors
+        factor = 2 * grad if r is None else 2 * grad * r
         if torch.is_grad_enabled():  # a differentiable backward (create_graph): recomputed with a graph
-            ra = _StoredSquares._weighted(x, m, c, r, ctx.geometry, in_place=False)
-        g = ra * (2 * grad if r is None else 2 * grad * r)  # 2 r² a, a new tensor: scaled in place below
+            g = _StoredSquares._weighted(x, m, c, r, ctx.geometry, in_place=False) * factor
+        else:  # 2 r² a in place of the saved r a (a fresh full-size tensor costs more than the pass)
+            g = ra.mul_(factor)
         grad_m = None if m is None or not ctx.needs_input_grad[1] else _stored_adjoint(g, ctx.geometry)
         grad_x = _stored_kernels(g, None, c, ctx.geometry, out=None if torch.is_grad_enabled() else g)
         return grad_x, grad_m, None, None, None
@@ -324,7 +320,8 @@ class TyingL2Grid(Penalty):
     """
 
     def layer_value(self, layer):
-        return _GridSquares.apply(*_grid(layer))[0]
+        pairs = layer.stored_neighbour_pairs()
+        return _NeighbourSquares.apply(layer.deviation, layer.deviation_scale, layer.stored_geometry, pairs)[0]
 
     def curvature(self, layer):
         return 0.0, 8.0  # largest eigenvalue of twice the grid Laplacian
@@ -467,10 +464,14 @@ class _TyingTV(_NonSmooth):
     kind = "l1"
 
     def layer_value(self, layer):
-        diffs = _grid_differences(layer)
+        diffs = _neighbour_differences(layer)
         if self.kind == "l1":
-            return sum((diff * m).abs().sum() for diff, m in diffs)
-        return sum(torch.linalg.vector_norm(diff * m, dim=(2, 3)).sum() for diff, m in diffs)
+            return sum(diff.abs().sum() for _, diff in diffs)
+        # a group is a pair's whole kernel, whose parts a storage may hold in several tensors
+        groups = [[], []]  # per axis: (pairs..., entries) blocks
+        for p, diff in diffs:
+            groups[p.axis].append(diff.movedim(p.position_dims, (0, 1)).flatten(2))
+        return sum(torch.linalg.vector_norm(torch.cat(g, dim=2), dim=2).sum() for g in groups)
 
     @torch.no_grad()
     def prox(self, layer, step):

@@ -485,10 +485,11 @@ def test_kernel_writes_keep_ties_and_zeros_exact(pen, step, c_d):
 
 # ------------------------------------------------------------ l2 grid
 def _plain_l2_grid(layer):
-    """Σ ((d_q - d_p) m_pq)² through autograd's own slicing (the previous formulation)."""
-    from softcnn.penalties import _grid_differences
-
-    return sum((diff * m).pow(2).sum() for diff, m in _grid_differences(layer))
+    """Σ ((d_q - d_p) m_pq)² through autograd's own slicing of the (L, F, K) view (the previous formulation)."""
+    Lh, Lw = layer.output_shape
+    d = layer.deviations().reshape(Lh, Lw, layer.out_channels, -1)
+    m = layer.mask.reshape(Lh, Lw, 1, -1).to(d.dtype)
+    return ((d[1:] - d[:-1]) * m[1:] * m[:-1]).pow(2).sum() + ((d[:, 1:] - d[:, :-1]) * m[:, 1:] * m[:, :-1]).pow(2).sum()
 
 
 @pytest.mark.parametrize("image", [(4, 4), (1, 6), (6, 1), (5, 3)])

@@ -5,7 +5,7 @@ import torch
 from torch.func import grad, vmap
 
 from softcnn.layers import SoftConv2d
-from softcnn.penalties import LocalityL2, Ridge, TyingL2Mean
+from softcnn.penalties import LocalityL2, Ridge, TyingL2Grid, TyingL2Mean
 from softcnn.prox import soft_threshold, tl1_prox
 
 # a covering support (compact storage, strides 1 and 2) and a windowed one ((L, F, K) storage)
@@ -57,11 +57,17 @@ def _plain(pen, layer):
         return layer.masked_deviation().pow(2).sum()
     if isinstance(pen, Ridge):
         return layer.kernels()[..., :-1].pow(2).sum()
+    if isinstance(pen, TyingL2Grid):
+        Lh, Lw = layer.output_shape
+        d = layer.deviations().reshape(Lh, Lw, layer.out_channels, -1)
+        m = layer.mask.reshape(Lh, Lw, 1, -1).to(d.dtype)
+        return (((d[1:] - d[:-1]) * m[1:] * m[:-1]).pow(2).sum()
+                + ((d[:, 1:] - d[:, :-1]) * m[:, 1:] * m[:, :-1]).pow(2).sum())
     return (layer.kernels().pow(2) * pen.weights(layer)).sum()
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES)
-@pytest.mark.parametrize("pen", [TyingL2Mean(), Ridge(), LocalityL2(profile="distance")], ids=repr)
+@pytest.mark.parametrize("pen", [TyingL2Mean(), TyingL2Grid(), Ridge(), LocalityL2(profile="distance")], ids=repr)
 def test_stored_squares_value_gradient_and_hessian_match_autograd(pen, geometry):
     """The written-out backward of the smooth squares: value, gradient and a Hessian-vector
     product (a differentiable backward) equal autograd's through the kernel view."""
@@ -82,10 +88,11 @@ def test_stored_squares_value_gradient_and_hessian_match_autograd(pen, geometry)
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES[::2])
-def test_stored_squares_under_vmap(geometry):
+@pytest.mark.parametrize("pen", [Ridge(), TyingL2Grid()], ids=repr)
+def test_stored_squares_under_vmap(pen, geometry):
     """Stacked fits evaluate penalties under vmap: each model's gradient is its own."""
     layer = _layer(**geometry)
-    holder = _Holder(layer, Ridge())
+    holder = _Holder(layer, pen)
     devs = torch.stack([layer.deviation.detach() * s for s in (1.0, -0.5, 2.0)])
 
     def value(dev):
