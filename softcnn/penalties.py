@@ -771,18 +771,71 @@ class LocalityRings(_NonSmooth, _ProfiledPenalty):
         # sqrt with a zero gradient at 0 (like a norm's), not an infinite one
         return torch.where(pos, torch.where(pos, sq, torch.ones_like(sq)).sqrt(), torch.zeros_like(sq)).sum()
 
+    def _stored_rings(self, layer):
+        """For a compact storage, the ring of each stored weight: ``min(ring_h, ring_w)`` with ``ring_h``
+        ``(H, Lh)`` the first group excluding its offset's row (a group is the outside of a window),
+        per stored row and position, ``ring_w`` ``(W, Lw)`` likewise for columns, and that minimum
+        at every weight, ``(C H W, 1, L)``; cached per layer."""
+        n_groups, ring = self._rings(layer)
+        C, H, W, Lh, Lw, sh, sw = layer.stored_geometry
+        Sh, Sw = layer.support_shape
+
+        def build():
+            # stored row h at position i reads flipped-support row i sh + h (see _window_view)
+            rings = ring[: Sh * Sw].view(Sh, Sw).flip(0, 1)
+            # the centre row/column is in every window but the last group's: its rings are the others'
+            per_row, per_col = rings.max(1).values, rings.max(0).values
+            if not torch.equal(rings, torch.minimum(per_row[:, None], per_col[None, :])):
+                raise AssertionError("ring groups must be the outsides of windows")  # by construction
+            ring_h = per_row[torch.arange(H)[:, None] + sh * torch.arange(Lh)[None, :]]
+            ring_w = per_col[torch.arange(W)[:, None] + sw * torch.arange(Lw)[None, :]]
+            every = torch.minimum(ring_h[:, None, :, None], ring_w[None, :, None, :])  # (H, W, Lh, Lw)
+            every = every.expand(C, H, W, Lh, Lw).reshape(C * H * W, 1, Lh * Lw)
+            return ring_h, ring_w, every
+
+        return self._cached(layer, "stored_rings", build)
+
     @torch.no_grad()
     def prox(self, layer, step):
+        n_groups, ring = self._rings(layer)
+        thr = [_dev_step(layer, step)] * n_groups
+        if layer.stored_geometry is not None:
+            self._prox_stored(layer, thr)
+            return
+        m = layer.shared_kernel()
         # the kernels, absent offsets zeroed (they carry no weight), and the shared kernel as one
         # more position: one prox call for both
-        L, m = layer.n_positions, layer.shared_kernel()
+        L = layer.n_positions
         w = m.new_empty((L + 1, *m.shape))
         layer.unmasked_kernels(out=w[:L]).mul_(_exists(layer, m.dtype))
         w[L] = m
         # nested_group_prox from the cached rings (nested by construction: no checks)
-        n_groups, ring = self._rings(layer)
-        _prox._nested_prox_by_ring(w[..., :-1], [_dev_step(layer, step)] * n_groups, ring, -1, w[..., :-1])
+        _prox._nested_prox_by_ring(w[..., :-1], thr, ring, -1, w[..., :-1])
         _write_tied(layer, layer.as_deviation_storage(w[:L]), w[L])
+
+    def _prox_stored(self, layer, thr):
+        """The prox on a compact storage: ring norms by one scatter of the squares, and each
+        weight's scale as the smaller of its row's and its column's ring scales (a scale grows
+        with the ring, and a weight's ring is the smaller of theirs), without an (L, F, K) view."""
+        n_groups, ring = self._rings(layer)
+        ring_h, ring_w, every = self._stored_rings(layer)
+        C, H, W, Lh, Lw, _, _ = layer.stored_geometry
+        m, chw, Fo = layer.shared_kernel(), C * H * W, layer.out_channels
+        w = layer.stored_kernels(out=self._kernel_buffer(layer, "kernels", stored=True))
+        weights = w[:chw]
+        squares = torch.mul(weights, weights, out=self._kernel_buffer(layer, "squares", stored=True)[:chw])
+        ring_sq = w.new_zeros(n_groups + 1, Fo, Lh * Lw).scatter_add_(0, every.expand_as(squares), squares)
+        scales = _prox._nested_ring_scales(ring_sq, thr).flip(0).view(n_groups + 1, Fo, Lh, Lw)  # row j: ring j
+        # each weight's scale: the smaller of its row's and its column's (in the squares' buffer)
+        by_position = scales.permute(0, 2, 3, 1)  # (N, Lh, Lw, F)
+        i, j = torch.arange(Lh)[None, :, None], torch.arange(Lw)[None, None, :]
+        by_row = by_position[ring_h[:, :, None], i, j].permute(0, 3, 1, 2)  # (H, F, Lh, Lw)
+        by_col = by_position[ring_w[:, None, :], i, j].permute(0, 3, 1, 2)  # (W, F, Lh, Lw)
+        scale = torch.minimum(by_row[:, None], by_col[None], out=squares.view(C, H, W, Fo, Lh, Lw)[0])
+        weights6 = weights.view(C, H, W, Fo, Lh, Lw)
+        torch.addcmul(w.new_zeros(()), weights6, scale, out=weights6)  # 0 + x * scale: zeros are +0
+        _prox._nested_prox_by_ring(m[None, :, :-1], thr, ring, -1, m[None, :, :-1])
+        _write_tied(layer, w, m)
 
 
 @register("locality", "full_rings")

@@ -380,20 +380,17 @@ def _feature_rings(groups: torch.Tensor) -> torch.Tensor:
     return torch.where(groups.any(0), groups.to(torch.uint8).argmax(0), groups.shape[0])
 
 
-def _nested_prox_by_ring(
-    x: torch.Tensor, thr: list[float], ring: torch.Tensor, dim: int, out: torch.Tensor | None
-) -> torch.Tensor:
-    """:func:`nested_group_prox` from the thresholds ``t w_n`` and :func:`_feature_rings`, unchecked."""
+def _nested_ring_scales(ring_sq: torch.Tensor, thr: list[float]) -> torch.Tensor:
+    """The factor of each ring in the nested group prox, from the rings' squared norms ``ring_sq``
+    ``(N (+ 1), ...)`` (ring ``j``: the features first held by group ``j``) and the thresholds.
+
+    Returns ``(N + 1, ...)``: row ``N - j`` is the scale of ring ``j``, ``alpha_j ... alpha_{N-1}``,
+    and row 0 is 1 (features outside all groups); a product of factors <= 1, so the scale grows
+    with ``j``.
+    """
     n_groups = len(thr)
-    xm = x.movedim(dim, -1)
-    # the only full-size temporary: the squares, then each entry's scale
-    buf = torch.empty(xm.shape, dtype=x.dtype, device=x.device)
-    flat = torch.mul(xm, xm, out=buf).view(-1, ring.numel())
-    member = torch.nn.functional.one_hot(ring, n_groups + 1).to(x.dtype)
-    ring_sq = member.T @ flat.T  # (N + 1, slices): the fast orientation, and contiguous rows
-    # row N - n holds alpha_n after a leading row of 1: the cumulative product at row N - j is the
-    # scale of ring j (alpha_j * ... * alpha_{N-1}), and 1 outside all groups
-    alphas = torch.empty_like(ring_sq)
+    # row N - n holds alpha_n after a leading row of 1: the cumulative product does the rest
+    alphas = ring_sq.new_empty((n_groups + 1, *ring_sq.shape[1:]))
     alphas[0] = 1
     shrunk = torch.zeros_like(ring_sq[0])  # norm of G_{n-1} after its step
     alpha_rows = alphas.unbind()
@@ -405,7 +402,21 @@ def _nested_prox_by_ring(
         else:  # max(0, 1 - thr / norm) as (norm - thr) / norm: <= 0 exactly when norm <= thr
             torch.sub(norm, thr_n, out=alpha).div_(norm).clamp_min_(0)
         shrunk = norm.mul_(alpha)
-    torch.index_select(alphas.cumprod_(0).T, -1, n_groups - ring, out=flat)
+    return alphas.cumprod_(0)
+
+
+def _nested_prox_by_ring(
+    x: torch.Tensor, thr: list[float], ring: torch.Tensor, dim: int, out: torch.Tensor | None
+) -> torch.Tensor:
+    """:func:`nested_group_prox` from the thresholds ``t w_n`` and :func:`_feature_rings`, unchecked."""
+    n_groups = len(thr)
+    xm = x.movedim(dim, -1)
+    # the only full-size temporary: the squares, then each entry's scale
+    buf = torch.empty(xm.shape, dtype=x.dtype, device=x.device)
+    flat = torch.mul(xm, xm, out=buf).view(-1, ring.numel())
+    member = torch.nn.functional.one_hot(ring, n_groups + 1).to(x.dtype)
+    ring_sq = member.T @ flat.T  # (N + 1, slices): the fast orientation, and contiguous rows
+    torch.index_select(_nested_ring_scales(ring_sq, thr).T, -1, n_groups - ring, out=flat)
     res = buf if out is None else out.movedim(dim, -1)
     # 0 + x * scale: exact zeros are +0, as in the single-group operators
     torch.addcmul(torch.zeros((), dtype=x.dtype, device=x.device), xm, buf, out=res)

@@ -183,14 +183,16 @@ def _kernel_view_twin(layer):
     return twin
 
 
+@pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("key", [(s, k) for s, table in _REGISTRY.items() for k in table])
-def test_penalties_see_a_full_layer_the_same_whatever_its_storage(key):
+def test_penalties_see_a_full_layer_the_same_whatever_its_storage(key, stride):
     """Values, proxes and finalize on the compact 'full' storage equal those on (L, F, K) storage:
     to float64 rounding (the penalties sum in each storage's order), with the same exact zeros."""
     strength, option = key
     pen = _REGISTRY[strength][option].from_params(SoftConvRegressor().get_params())
     g = torch.Generator().manual_seed(8)
-    layer = SoftConv2d(2, 3, 3, (5, 4), padding="same", support="full", dtype=torch.float64, generator=g)
+    layer = SoftConv2d(2, 3, 3, (5, 4), padding="same", support="full", stride=stride, dtype=torch.float64,
+                       generator=g)
     L, F, K = layer.n_positions, layer.out_channels, layer.mask.shape[1]
     with torch.no_grad():
         layer.shared.normal_(generator=g)
