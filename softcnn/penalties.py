@@ -763,10 +763,14 @@ class LocalityRings(_NonSmooth, _ProfiledPenalty):
         return self._cached(layer, "rings", lambda: (groups.shape[0], _prox._feature_rings(groups)))
 
     def layer_value(self, layer):
-        w = layer.kernels()[..., :-1]
-        groups = self._groups(layer)
-        # squared norms of all groups at once: a product with the membership matrix
-        sq = w.pow(2) @ groups.T.to(w.dtype)
+        if layer.stored_geometry is not None:  # rings' squares scattered, summed into the nested groups
+            n_groups = self._rings(layer)[0]
+            w = layer.stored_weights(layer.stored_kernels())
+            every = self._stored_rings(layer)[2].expand_as(w)
+            sq = w.new_zeros(n_groups + 1, *w.shape[1:]).scatter_add(0, every, w * w)[:n_groups].cumsum(0)
+        else:  # squared norms of all groups at once: a product with the membership matrix
+            w = layer.kernels()[..., :-1]
+            sq = w.pow(2) @ self._groups(layer).T.to(w.dtype)
         pos = sq > 0
         # sqrt with a zero gradient at 0 (like a norm's), not an infinite one
         return torch.where(pos, torch.where(pos, sq, torch.ones_like(sq)).sqrt(), torch.zeros_like(sq)).sum()
