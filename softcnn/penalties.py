@@ -444,15 +444,8 @@ class TyingGroupMean(_NonSmooth):
         # group_soft_threshold in place, with the norms summed from squares in a kept buffer
         # (torch's norms over leading dimensions of a 'full' storage are slower than the prox)
         d = _masked(layer, layer.stored_deviations(out=self._kernel_buffer(layer, "deviations", stored=True)))
-        d.mul_(_shrink_factor(self._squared_norms(layer, d, _entry_dims(layer)), _dev_step(layer, step)))
-        layer.set_stored_deviations(d, consume=True)
-
-
-def _shrink_factor(squared_norms: torch.Tensor, t: float) -> torch.Tensor:
-    """Block soft thresholding's factor ``max(0, 1 - t / norm)`` per group (0 for a zero group)."""
-    norm = squared_norms.sqrt_()
-    keep = norm > t
-    return torch.where(keep, 1 - t / torch.where(keep, norm, torch.ones_like(norm)), 0.0)
+        norms = self._squared_norms(layer, d, _entry_dims(layer)).sqrt_()
+        layer.set_stored_deviations(_prox._block_shrink(d, norms, _dev_step(layer, step), out=d), consume=True)
 
 
 def _entry_dims(layer: SoftConv2d) -> tuple[int, int]:
@@ -886,12 +879,11 @@ class ChannelSparsity(_NonSmooth):
     @torch.no_grad()
     def prox(self, layer, step):
         w = _masked(layer, layer.stored_kernels(out=self._kernel_buffer(layer, "kernels", stored=True)))
-        # block soft thresholding (as prox.group_soft_threshold) by its per-channel factor,
-        # applied in place to w and to m alike; 0 + x * factor keeps zeros +0
-        factor = _shrink_factor(self._squared_norms(layer, w, (0, 2)), _dev_step(layer, step))  # (1, F, 1)
-        zero = w.new_zeros(())
-        m = torch.addcmul(zero, layer.shared_kernel(), factor.view(-1, 1))
-        _write_tied(layer, torch.addcmul(zero, w, factor, out=w), m)
+        # block soft thresholding by its per-channel factor, applied in place to w and to m alike
+        norms = self._squared_norms(layer, w, (0, 2)).sqrt_()  # (1, F, 1)
+        t = _dev_step(layer, step)
+        _write_tied(layer, _prox._block_shrink(w, norms, t, out=w),
+                    _prox._block_shrink(layer.shared_kernel(), norms.view(-1, 1), t))
 
 
 class _Elementwise(_NonSmooth):

@@ -176,11 +176,17 @@ def _max_abs(x: torch.Tensor) -> float:
     return max(float(x.amax()), -float(x.amin()))
 
 
-def _block_shrink(x: torch.Tensor, norm: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
-    """``x * max(0, 1 - thr / norm)`` with exact (+0) zeros where ``norm <= thr``."""
+def _shrink_factor(norm: torch.Tensor, thr: torch.Tensor | float) -> torch.Tensor:
+    """Block soft thresholding's factor ``max(0, 1 - thr / norm)``, exactly 0 where ``norm <= thr``
+    (zero groups included)."""
     keep = norm > thr
-    safe = torch.where(keep, norm, torch.ones_like(norm))
-    return torch.where(keep, x * (1 - thr / safe), torch.zeros_like(x))
+    return torch.where(keep, 1 - thr / torch.where(keep, norm, torch.ones_like(norm)), 0.0)
+
+
+def _block_shrink(x: torch.Tensor, norm: torch.Tensor, thr: torch.Tensor, out: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """``x * max(0, 1 - thr / norm)`` with exact (+0) zeros where ``norm <= thr`` (into ``out``)."""
+    return torch.addcmul(x.new_zeros(()), x, _shrink_factor(norm, thr), out=out)  # 0 + x * 0 is +0
 
 
 # ---------------------------------------------------------------------------
