@@ -218,20 +218,28 @@ def _window_view(v: torch.Tensor, geometry: tuple) -> torch.Tensor:
 def _window_adjoint(g: torch.Tensor, geometry: tuple) -> torch.Tensor:
     """The adjoint of :func:`_window_view`: ``(C H W, B, L)`` summed onto the offsets, ``(B, C Sh Sw)``.
 
-    Slice additions over the rows, then the columns of positions: 2-3x
-    faster than autograd through ``unfold`` at 28x28.
+    Slice additions, one per row of the window (each adds a ``(W, B, C, Lh,
+    Lw)`` slice of ``g`` to the rows of positions it reaches: runs of ``Lh
+    Lw`` contiguous values on both sides at stride 1), then one per column:
+    3-4x faster than additions per row of positions (runs of ``Lw``) at
+    28x28, and than autograd through ``unfold``. The slices come from one
+    ``unbind`` per side (a Python slice per addition cost as much as the
+    additions at 8x8); ``add_`` in a loop, not ``torch._foreach_add_`` (no
+    vmap rule).
     """
     C, H, W, Lh, Lw, sh, sw = geometry
     Sh, Sw = H + (Lh - 1) * sh, W + (Lw - 1) * sw
     B = g.shape[1]
     g = g.reshape(C, H, W, B, Lh, Lw)
-    rows = g.new_zeros(C, Sh, W, B, Lw)
-    for i in range(Lh):
-        rows[:, i * sh : i * sh + H].add_(g[:, :, :, :, i])
-    acc = g.new_zeros(C, Sh, Sw, B)
-    for j in range(Lw):
-        acc[:, :, j * sw : j * sw + W].add_(rows[..., j])
-    return acc.permute(3, 0, 1, 2).flip(2, 3).reshape(B, -1)
+    rows = g.new_zeros(W, B, C, Sh, Lw)  # rows[w, b, c, i sh + h, j] = sum over h of g[c, h, w, b, i, j]
+    windows = rows.unfold(3, (Lh - 1) * sh + 1, 1)[..., ::sh].movedim(-1, 4).unbind(3)
+    for window, part in zip(windows, g.permute(1, 2, 3, 0, 4, 5).unbind(0)):
+        window.add_(part)
+    acc = g.new_zeros(B, C, Sh, Sw)
+    windows = acc.unfold(3, (Lw - 1) * sw + 1, 1)[..., ::sw].movedim(3, 0).unbind(0)
+    for window, part in zip(windows, rows.unbind(0)):
+        window.add_(part)
+    return acc.flip(2, 3).reshape(B, -1)
 
 
 #: :class:`_CoveringDense` keeps a weight block up to this size for the backward. A larger one is
@@ -243,17 +251,18 @@ _CHUNK_BYTES = 4 << 20
 
 
 class _CoveringDense(torch.autograd.Function):
-    """A layer whose support covers the image as one GEMM ``x~ W + b``, with its own backward.
+    """A layer whose support covers the image as one GEMM ``[x~ 1] W``, with its own backward.
 
-    ``x~`` is the flipped image and ``W = c d + T(m)``: the compact deviations
-    ``(C H W, F, L)`` times their scales ``c`` (``scale``, ``(C H W + 1, 1, L)``)
-    plus the shared kernels' windows (:func:`_window_view`), built in one pass.
-    Autograd through these steps would copy the weight gradient for each slice
-    of the parameter and each in-place add into a view; here the weight
-    gradient is one GEMM into a new tensor (the bias row through a column of
-    ones), reduced to ``m``'s gradient by :func:`_window_adjoint` and scaled in
-    place into ``deviation``'s. Blocks over ``_SAVED_BLOCK_BYTES`` are built by
-    chunks of output channels and rebuilt in the backward.
+    ``x~`` is the flipped image, next to a column of ones for the bias row of
+    ``W = c d + T(m)``: the compact deviations ``(C H W + 1, F, L)`` times
+    their scales ``c`` (``scale``, ``(C H W + 1, 1, L)``) plus the shared
+    kernels' windows (:func:`_window_view`) and biases, built in one pass into
+    one buffer. Autograd through these steps would copy the weight gradient
+    for each slice of the parameter and each in-place add into a view; here
+    the weight gradient is one GEMM with the saved ``[x~ 1]`` into a new
+    tensor, reduced to ``m``'s gradient by :func:`_window_adjoint` and scaled
+    in place into ``deviation``'s. Blocks over ``_SAVED_BLOCK_BYTES`` are
+    built by chunks of output channels and rebuilt in the backward.
     """
 
     @staticmethod
@@ -271,37 +280,37 @@ class _CoveringDense(torch.autograd.Function):
         fc = _CoveringDense._chunk(deviation, geometry)
         d = deviation[:chw].view(C, H, W, Fo, Lh, Lw)
         T, S = _window_view(m[:, :-1], geometry), scale[:chw].view(C, H, W, 1, Lh, Lw)
-        bias = torch.addcmul(m[:, -1:], deviation[chw], scale[chw]).view(-1)  # (F L,)
-        xf = x.flip(2, 3).reshape(n, chw)
+        x1 = torch.cat([x.flip(2, 3).reshape(n, chw), x.new_ones(n, 1)], dim=1)  # the backward's too
         out = x.new_empty(n, Fo * L)
-        work = deviation.new_empty(chw * fc * L)
+        work = deviation.new_empty((chw + 1) * fc * L)
         for f0 in range(0, Fo, fc):
             f1 = min(f0 + fc, Fo)
-            block = work[: chw * (f1 - f0) * L].view(C, H, W, f1 - f0, Lh, Lw)
-            torch.addcmul(T[:, :, :, f0:f1], d[:, :, :, f0:f1], S, out=block)
-            torch.addmm(bias[f0 * L : f1 * L], xf, block.view(chw, -1), out=out[:, f0 * L : f1 * L])
-        return out.view(n, Fo, Lh, Lw), work if fc == Fo else work[:0]
+            block = work[: (chw + 1) * (f1 - f0) * L].view(chw + 1, f1 - f0, L)
+            torch.addcmul(T[:, :, :, f0:f1], d[:, :, :, f0:f1], S, out=block[:chw].view(C, H, W, f1 - f0, Lh, Lw))
+            torch.addcmul(m[f0:f1, -1:], deviation[chw, f0:f1], scale[chw], out=block[chw])
+            torch.mm(x1, block.view(chw + 1, -1), out=out[:, f0 * L : f1 * L])
+        return out.view(n, Fo, Lh, Lw), work if fc == Fo else work[:0], x1
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, deviation, m, scale, geometry = inputs
-        ctx.mark_non_differentiable(output[1])
+        _, deviation, m, scale, geometry = inputs
+        ctx.mark_non_differentiable(output[1], output[2])
         ctx.set_materialize_grads(False)  # the block gets no gradient: no full-size zeros for it
-        ctx.save_for_backward(x, deviation, m, scale, output[1])
+        ctx.save_for_backward(deviation, m, scale, output[1], output[2])
         ctx.geometry = geometry
 
     @staticmethod
     @once_differentiable  # the saved block carries no graph: a double backward would be wrong
-    def backward(ctx, grad_out, _):
+    def backward(ctx, grad_out, _, __):
         # Runs under torch.func.vmap in stacked fits: batchable ops only, in place only on own tensors.
-        x, deviation, m, scale, saved = ctx.saved_tensors
+        deviation, m, scale, saved, x1 = ctx.saved_tensors
         C, H, W, Lh, Lw, _, _ = geometry = ctx.geometry
-        chw, n, Fo, L = C * H * W, x.shape[0], m.shape[0], Lh * Lw
+        chw, n, Fo, L = C * H * W, x1.shape[0], m.shape[0], Lh * Lw
         g = grad_out.reshape(n, -1)
         grad_x = grad_d = grad_m = None
         if ctx.needs_input_grad[0]:
             if saved.numel():
-                grad_x = g.mm(saved.view(chw, -1).T)
+                grad_x = g.mm(saved.view(chw + 1, -1)[:chw].T)
             else:  # rebuilt by chunks (as in the forward, up to rounding) in one buffer: fresh ones page-fault
                 fc = _CoveringDense._chunk(deviation, geometry)
                 d, S = deviation[:chw].view(C, H, W, Fo, Lh, Lw), scale[:chw].view(C, H, W, 1, Lh, Lw)
@@ -313,13 +322,11 @@ class _CoveringDense(torch.autograd.Function):
                     block.copy_(d[:, :, :, f0:f1]).mul_(S).add_(T[:, :, :, f0:f1])  # ops vmap batches
                     part, block = g[:, f0 * L : f1 * L], block.view(chw, -1)
                     grad_x = part.mm(block.T) if grad_x is None else torch.addmm(grad_x, part, block.T)
-            grad_x = grad_x.view_as(x).flip(2, 3)
+            grad_x = grad_x.view(n, C, H, W).flip(2, 3)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            cols = torch.cat([x.flip(2, 3).reshape(n, chw), x.new_ones(n, 1)], dim=1)
-            grad_w = cols.T.mm(g).view(chw + 1, -1, L)  # (C H W + 1, F, L), the bias row last
+            grad_w = x1.T.mm(g).view(chw + 1, -1, L)  # (C H W + 1, F, L), the bias row last
             if ctx.needs_input_grad[2]:
-                grad_m = torch.cat([_window_adjoint(grad_w[:chw], geometry),
-                                    grad_w[chw].sum(-1).unsqueeze(-1)], dim=1)
+                grad_m = torch.cat([_window_adjoint(grad_w[:chw], geometry), grad_w[chw].sum(-1, keepdim=True)], 1)
             if ctx.needs_input_grad[1]:
                 grad_d = grad_w.mul_(scale)
         return grad_x, grad_d, grad_m, None, None
@@ -330,7 +337,7 @@ class _CoveringDense(torch.autograd.Function):
         args = [a.movedim(d, 0) if d is not None else a.expand(info.batch_size, *a.shape)
                 for a, d in zip((x, deviation, m, scale), in_dims)]
         outs = [_CoveringDense.apply(*(a[b] for a in args), geometry) for b in range(info.batch_size)]
-        return tuple(torch.stack(o) for o in zip(*outs)), (0, 0)
+        return tuple(torch.stack(o) for o in zip(*outs)), (0, 0, 0)
 
 
 class SoftConv2d(nn.Module):
@@ -627,10 +634,28 @@ class SoftConv2d(nn.Module):
         """``deviation_scale`` at each stored deviation, ``(C H W + 1, 1, L)`` (compact storage).
 
         ``as_deviation_storage(deviation_scale)`` through views (several times
-        faster than the gather), from the buffer at each call: never stale.
+        faster than the gather), kept for the next calls while the buffer is
+        the same tensor at the same version: in-place writes (``set_scales``,
+        ``load_state_dict``) bump it, ``.to()`` replaces the tensor; a write
+        through ``.data`` would not be seen. Not kept when built inside
+        torch.func transforms (wrapped for them, swapped buffers), from a
+        buffer that requires grad (a graph) or an inference tensor (no version);
+        not pickled or deep-copied (``__getstate__``).
         """
-        scale, L = self.deviation_scale, self.n_positions
-        return torch.cat([_window_view(scale[:-1], self._geometry).reshape(-1, 1, L), scale[-1:].expand(1, 1, L)])
+        scale = self.deviation_scale
+        cached = self.__dict__.get("_stored_scale_cache")
+        if cached is not None and cached[0] is scale and cached[1] == scale._version:
+            return cached[2]
+        L = self.n_positions
+        stored = torch.cat([_window_view(scale[:-1], self._geometry).reshape(-1, 1, L), scale[-1:].expand(1, 1, L)])
+        if not (scale.requires_grad or scale.is_inference() or torch._C._are_functorch_transforms_active()):
+            self.__dict__["_stored_scale_cache"] = (scale, scale._version, stored)
+        return stored
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop("_stored_scale_cache", None)  # derived from a buffer: rebuilt at the first use
+        return state
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -740,9 +765,8 @@ class SoftConv2d(nn.Module):
     # --------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._one_gemm:
-            out, _ = _CoveringDense.apply(x, self.deviation, self.shared_kernel(), self._stored_scale(),
-                                          self._geometry)
-            return out
+            return _CoveringDense.apply(x, self.deviation, self.shared_kernel(), self._stored_scale(),
+                                        self._geometry)[0]
         n = x.shape[0]
         ah, aw = self._tiles
         Th, Tw, th, tw = ah.n_tiles, aw.n_tiles, ah.length, aw.length
