@@ -256,13 +256,15 @@ class _CoveringDense(torch.autograd.Function):
     ``x~`` is the flipped image, next to a column of ones for the bias row of
     ``W = c d + T(m)``: the compact deviations ``(C H W + 1, F, L)`` times
     their scales ``c`` (``scale``, ``(C H W + 1, 1, L)``) plus the shared
-    kernels' windows (:func:`_window_view`) and biases, built in one pass into
-    one buffer. Autograd through these steps would copy the weight gradient
-    for each slice of the parameter and each in-place add into a view; here
-    the weight gradient is one GEMM with the saved ``[x~ 1]`` into a new
-    tensor, reduced to ``m``'s gradient by :func:`_window_adjoint` and scaled
-    in place into ``deviation``'s. Blocks over ``_SAVED_BLOCK_BYTES`` are
-    built by chunks of output channels and rebuilt in the backward.
+    kernels ``m = shared * shared_scale`` at each stored deviation (their
+    windows, :func:`_window_view`, and biases), built into one buffer.
+    Autograd through these steps would copy the weight gradient for each
+    slice of the parameter and each in-place add into a view; here the
+    weight gradient is one GEMM with the saved ``[x~ 1]`` into a new tensor,
+    reduced to ``m``'s gradient by :func:`_window_adjoint` and scaled in
+    place into ``deviation``'s and ``shared``'s (the scaling inside: no
+    autograd node for ``m``). Blocks over ``_SAVED_BLOCK_BYTES`` are built
+    by chunks of output channels and rebuilt in the backward.
     """
 
     @staticmethod
@@ -274,38 +276,41 @@ class _CoveringDense(torch.autograd.Function):
         return Fo if Fo * per_channel <= _SAVED_BLOCK_BYTES else max(1, _CHUNK_BYTES // per_channel)
 
     @staticmethod
-    def forward(x, deviation, m, scale, geometry):
+    def forward(x, deviation, shared, shared_scale, scale, geometry):
         C, H, W, Lh, Lw, _, _ = geometry
-        chw, n, Fo, L = C * H * W, x.shape[0], m.shape[0], Lh * Lw
+        chw, n, Fo, L = C * H * W, x.shape[0], shared.shape[0], Lh * Lw
         fc = _CoveringDense._chunk(deviation, geometry)
-        d = deviation[:chw].view(C, H, W, Fo, Lh, Lw)
-        T, S = _window_view(m[:, :-1], geometry), scale[:chw].view(C, H, W, 1, Lh, Lw)
+        m = shared * shared_scale
+        T = _window_view(m[:, :-1], geometry)
         x1 = torch.cat([x.flip(2, 3).reshape(n, chw), x.new_ones(n, 1)], dim=1)  # the backward's too
         out = x.new_empty(n, Fo * L)
         work = deviation.new_empty((chw + 1) * fc * L)
         for f0 in range(0, Fo, fc):
             f1 = min(f0 + fc, Fo)
             block = work[: (chw + 1) * (f1 - f0) * L].view(chw + 1, f1 - f0, L)
-            torch.addcmul(T[:, :, :, f0:f1], d[:, :, :, f0:f1], S, out=block[:chw].view(C, H, W, f1 - f0, Lh, Lw))
-            torch.addcmul(m[f0:f1, -1:], deviation[chw, f0:f1], scale[chw], out=block[chw])
+            # windows and biases, then the scaled deviations: a strided copy and a contiguous addcmul_
+            # beat one strided addcmul (addcmul_ has no vmap rule: the backward's rebuild does without)
+            block[:chw].view(C, H, W, f1 - f0, Lh, Lw).copy_(T[:, :, :, f0:f1])
+            block[chw].copy_(m[f0:f1, -1:])
+            block.addcmul_(deviation[:, f0:f1], scale)
             torch.mm(x1, block.view(chw + 1, -1), out=out[:, f0 * L : f1 * L])
         return out.view(n, Fo, Lh, Lw), work if fc == Fo else work[:0], x1
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _, deviation, m, scale, geometry = inputs
+        _, deviation, shared, shared_scale, scale, geometry = inputs
         ctx.mark_non_differentiable(output[1], output[2])
         ctx.set_materialize_grads(False)  # the block gets no gradient: no full-size zeros for it
-        ctx.save_for_backward(deviation, m, scale, output[1], output[2])
+        ctx.save_for_backward(deviation, shared, shared_scale, scale, output[1], output[2])
         ctx.geometry = geometry
 
     @staticmethod
     @once_differentiable  # the saved block carries no graph: a double backward would be wrong
     def backward(ctx, grad_out, _, __):
         # Runs under torch.func.vmap in stacked fits: batchable ops only, in place only on own tensors.
-        deviation, m, scale, saved, x1 = ctx.saved_tensors
+        deviation, shared, shared_scale, scale, saved, x1 = ctx.saved_tensors
         C, H, W, Lh, Lw, _, _ = geometry = ctx.geometry
-        chw, n, Fo, L = C * H * W, x1.shape[0], m.shape[0], Lh * Lw
+        chw, n, Fo, L = C * H * W, x1.shape[0], shared.shape[0], Lh * Lw
         g = grad_out.reshape(n, -1)
         grad_x = grad_d = grad_m = None
         if ctx.needs_input_grad[0]:
@@ -314,7 +319,7 @@ class _CoveringDense(torch.autograd.Function):
             else:  # rebuilt by chunks (as in the forward, up to rounding) in one buffer: fresh ones page-fault
                 fc = _CoveringDense._chunk(deviation, geometry)
                 d, S = deviation[:chw].view(C, H, W, Fo, Lh, Lw), scale[:chw].view(C, H, W, 1, Lh, Lw)
-                T = _window_view(m[:, :-1], geometry)
+                T = _window_view((shared * shared_scale)[:, :-1], geometry)
                 work = g.new_empty(chw * fc * L)  # batched like g under vmap: in-place writes are allowed
                 for f0 in range(0, Fo, fc):
                     f1 = min(f0 + fc, Fo)
@@ -327,17 +332,32 @@ class _CoveringDense(torch.autograd.Function):
             grad_w = x1.T.mm(g).view(chw + 1, -1, L)  # (C H W + 1, F, L), the bias row last
             if ctx.needs_input_grad[2]:
                 grad_m = torch.cat([_window_adjoint(grad_w[:chw], geometry), grad_w[chw].sum(-1, keepdim=True)], 1)
+                grad_m.mul_(shared_scale)  # into shared's gradient
             if ctx.needs_input_grad[1]:
                 grad_d = grad_w.mul_(scale)
-        return grad_x, grad_d, grad_m, None, None
+        return grad_x, grad_d, grad_m, None, None, None
 
     @staticmethod
-    def vmap(info, in_dims, x, deviation, m, scale, geometry):
+    def vmap(info, in_dims, x, deviation, shared, shared_scale, scale, geometry):
         # one model at a time: the forward writes into its own buffers (out=), which vmap cannot batch
         args = [a.movedim(d, 0) if d is not None else a.expand(info.batch_size, *a.shape)
-                for a, d in zip((x, deviation, m, scale), in_dims)]
+                for a, d in zip((x, deviation, shared, shared_scale, scale), in_dims)]
         outs = [_CoveringDense.apply(*(a[b] for a in args), geometry) for b in range(info.batch_size)]
         return tuple(torch.stack(o) for o in zip(*outs)), (0, 0, 0)
+
+
+class _CoveringDenseEager(_CoveringDense):
+    """:class:`_CoveringDense` outside torch.func transforms, which need its ``setup_context`` form:
+    with ``ctx`` in the forward, ``Function.apply`` skips binding the arguments to the forward's
+    signature at each call (about 25 us, 4% of an 8x8 layer's forward and backward)."""
+
+    setup_context = torch.autograd.Function.setup_context  # the default: not defined
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _CoveringDense.forward(*inputs)
+        _CoveringDense.setup_context(ctx, inputs, output)
+        return output
 
 
 class SoftConv2d(nn.Module):
@@ -765,8 +785,9 @@ class SoftConv2d(nn.Module):
     # --------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._one_gemm:
-            return _CoveringDense.apply(x, self.deviation, self.shared_kernel(), self._stored_scale(),
-                                        self._geometry)[0]
+            covering = _CoveringDense if torch._C._are_functorch_transforms_active() else _CoveringDenseEager
+            return covering.apply(x, self.deviation, self.shared, self.shared_scale, self._stored_scale(),
+                                  self._geometry)[0]
         n = x.shape[0]
         ah, aw = self._tiles
         Th, Tw, th, tw = ah.n_tiles, aw.n_tiles, ah.length, aw.length
