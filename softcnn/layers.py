@@ -202,17 +202,20 @@ def _divisors(m: int) -> list[int]:
 
 
 def _window_view(v: torch.Tensor, geometry: tuple) -> torch.Tensor:
-    """Per-offset values ``v`` ``(B, C Sh Sw)`` at each stored deviation: a view ``(C, H, W, B, Lh, Lw)``.
+    """Per-offset values ``v`` ``(B, C Sh Sw)`` at each stored deviation: ``(C, H, W, B, Lh, Lw)``.
 
     For a support covering the image, the offset that reaches row
     ``(c, h, w)`` of the compact storage (pixel ``(c, H-1-h, W-1-w)``) from
     position ``(i, j)`` is ``(i sh + h, j sw + w)`` in the flipped support:
     each position reads a window of the flipped kernel (a Toeplitz matrix).
+    A view of a copy unfolded along the columns, ``(C, B, W, Sh, Lw)``
+    (about ``2 / Lh`` of the result's size): copying the result then reads
+    runs of ``Lh Lw`` values at stride 1, not of ``Lw`` (1.5x faster at 8x8).
     """
     C, H, W, Lh, Lw, sh, sw = geometry
     Sh, Sw = H + (Lh - 1) * sh, W + (Lw - 1) * sw
-    win = v.reshape(-1, C, Sh, Sw).flip(2, 3).unfold(2, H, sh).unfold(3, W, sw)  # (B, C, Lh, Lw, H, W)
-    return win.permute(1, 4, 5, 0, 2, 3)
+    cols = v.reshape(-1, C, Sh, Sw).flip(2, 3).unfold(3, W, sw).permute(1, 0, 4, 2, 3).contiguous()
+    return cols.unfold(3, H, sh).permute(0, 5, 2, 1, 3, 4)
 
 
 def _window_adjoint(g: torch.Tensor, geometry: tuple) -> torch.Tensor:
@@ -281,7 +284,6 @@ class _CoveringDense(torch.autograd.Function):
         chw, n, Fo, L = C * H * W, x.shape[0], shared.shape[0], Lh * Lw
         fc = _CoveringDense._chunk(deviation, geometry)
         m = shared * shared_scale
-        T = _window_view(m[:, :-1], geometry)
         x1 = torch.cat([x.flip(2, 3).reshape(n, chw), x.new_ones(n, 1)], dim=1)  # the backward's too
         out = x.new_empty(n, Fo * L)
         work = deviation.new_empty((chw + 1) * fc * L)
@@ -290,7 +292,7 @@ class _CoveringDense(torch.autograd.Function):
             block = work[: (chw + 1) * (f1 - f0) * L].view(chw + 1, f1 - f0, L)
             # windows and biases, then the scaled deviations: a strided copy and a contiguous addcmul_
             # beat one strided addcmul (addcmul_ has no vmap rule: the backward's rebuild does without)
-            block[:chw].view(C, H, W, f1 - f0, Lh, Lw).copy_(T[:, :, :, f0:f1])
+            block[:chw].view(C, H, W, f1 - f0, Lh, Lw).copy_(_window_view(m[f0:f1, :-1], geometry))
             block[chw].copy_(m[f0:f1, -1:])
             block.addcmul_(deviation[:, f0:f1], scale)
             torch.mm(x1, block.view(chw + 1, -1), out=out[:, f0 * L : f1 * L])
@@ -319,12 +321,12 @@ class _CoveringDense(torch.autograd.Function):
             else:  # rebuilt by chunks (as in the forward, up to rounding) in one buffer: fresh ones page-fault
                 fc = _CoveringDense._chunk(deviation, geometry)
                 d, S = deviation[:chw].view(C, H, W, Fo, Lh, Lw), scale[:chw].view(C, H, W, 1, Lh, Lw)
-                T = _window_view((shared * shared_scale)[:, :-1], geometry)
+                m = shared * shared_scale
                 work = g.new_empty(chw * fc * L)  # batched like g under vmap: in-place writes are allowed
                 for f0 in range(0, Fo, fc):
                     f1 = min(f0 + fc, Fo)
                     block = work[: chw * (f1 - f0) * L].view(C, H, W, f1 - f0, Lh, Lw)
-                    block.copy_(d[:, :, :, f0:f1]).mul_(S).add_(T[:, :, :, f0:f1])  # ops vmap batches
+                    block.copy_(d[:, :, :, f0:f1]).mul_(S).add_(_window_view(m[f0:f1, :-1], geometry))  # batched
                     part, block = g[:, f0 * L : f1 * L], block.view(chw, -1)
                     grad_x = part.mm(block.T) if grad_x is None else torch.addmm(grad_x, part, block.T)
             grad_x = grad_x.view(n, C, H, W).flip(2, 3)
