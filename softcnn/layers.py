@@ -655,8 +655,8 @@ class SoftConv2d(nn.Module):
     def _stored_scale(self) -> torch.Tensor:
         """``deviation_scale`` at each stored deviation, ``(C H W + 1, 1, L)`` (compact storage).
 
-        ``as_deviation_storage(deviation_scale)`` through views (several times
-        faster than the gather), kept for the next calls while the buffer is
+        ``as_deviation_storage(deviation_scale)`` through :func:`_window_view`
+        (several times faster than the gather), kept while the buffer is
         the same tensor at the same version: in-place writes (``set_scales``,
         ``load_state_dict``) bump it, ``.to()`` replaces the tensor; a write
         through ``.data`` would not be seen. Not kept when built inside
