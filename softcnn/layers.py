@@ -236,36 +236,47 @@ def _divisors(m: int) -> list[int]:
 
 
 def _window_view(v: torch.Tensor, geometry: tuple) -> torch.Tensor:
-    """Per-offset values ``v`` ``(B, C Sh Sw)`` at each stored deviation: a view ``(C, H, W, B, Lh, Lw)``.
+    """Per-offset values ``v`` ``(B, C Sh Sw)`` at each stored deviation: ``(C, H, W, B, Lh, Lw)``.
 
     For a support covering the image, the offset that reaches row
     ``(c, h, w)`` of the compact storage (pixel ``(c, H-1-h, W-1-w)``) from
     position ``(i, j)`` is ``(i sh + h, j sw + w)`` in the flipped support:
     each position reads a window of the flipped kernel (a Toeplitz matrix).
+    A view of a copy unfolded along the columns, ``(C, B, W, Sh, Lw)``
+    (about ``2 / Lh`` of the result's size): copying the result then reads
+    runs of ``Lh Lw`` values at stride 1, not of ``Lw`` (1.5x faster at 8x8).
     """
     C, H, W, Lh, Lw, sh, sw = geometry
     Sh, Sw = H + (Lh - 1) * sh, W + (Lw - 1) * sw
-    win = v.reshape(-1, C, Sh, Sw).flip(2, 3).unfold(2, H, sh).unfold(3, W, sw)  # (B, C, Lh, Lw, H, W)
-    return win.permute(1, 4, 5, 0, 2, 3)
+    cols = v.reshape(-1, C, Sh, Sw).flip(2, 3).unfold(3, W, sw).permute(1, 0, 4, 2, 3).contiguous()
+    return cols.unfold(3, H, sh).permute(0, 5, 2, 1, 3, 4)
 
 
 def _window_adjoint(g: torch.Tensor, geometry: tuple) -> torch.Tensor:
     """The adjoint of :func:`_window_view`: ``(C H W, B, L)`` summed onto the offsets, ``(B, C Sh Sw)``.
 
-    Slice additions over the rows, then the columns of positions: 2-3x
-    faster than autograd through ``unfold`` at 28x28.
+    Slice additions, one per row of the window (each adds a ``(W, B, C, Lh,
+    Lw)`` slice of ``g`` to the rows of positions it reaches: runs of ``Lh
+    Lw`` contiguous values on both sides at stride 1), then one per column:
+    3-4x faster than additions per row of positions (runs of ``Lw``) at
+    28x28, and than autograd through ``unfold``. The slices come from one
+    ``unbind`` per side (a Python slice per addition cost as much as the
+    additions at 8x8); ``add_`` in a loop, not ``torch._foreach_add_`` (no
+    vmap rule).
     """
     C, H, W, Lh, Lw, sh, sw = geometry
     Sh, Sw = H + (Lh - 1) * sh, W + (Lw - 1) * sw
     B = g.shape[1]
     g = g.reshape(C, H, W, B, Lh, Lw)
-    rows = g.new_zeros(C, Sh, W, B, Lw)
-    for i in range(Lh):
-        rows[:, i * sh : i * sh + H].add_(g[:, :, :, :, i])
-    acc = g.new_zeros(C, Sh, Sw, B)
-    for j in range(Lw):
-        acc[:, :, j * sw : j * sw + W].add_(rows[..., j])
-    return acc.permute(3, 0, 1, 2).flip(2, 3).reshape(B, -1)
+    rows = g.new_zeros(W, B, C, Sh, Lw)  # rows[w, b, c, i sh + h, j] = sum over h of g[c, h, w, b, i, j]
+    windows = rows.unfold(3, (Lh - 1) * sh + 1, 1)[..., ::sh].movedim(-1, 4).unbind(3)
+    for window, part in zip(windows, g.permute(1, 2, 3, 0, 4, 5).unbind(0)):
+        window.add_(part)
+    acc = g.new_zeros(B, C, Sh, Sw)
+    windows = acc.unfold(3, (Lw - 1) * sw + 1, 1)[..., ::sw].movedim(3, 0).unbind(0)
+    for window, part in zip(windows, rows.unbind(0)):
+        window.add_(part)
+    return acc.flip(2, 3).reshape(B, -1)
 
 
 def _stored_kernels(values: torch.Tensor, m: torch.Tensor | None, scale: torch.Tensor, geometry: tuple | None,
@@ -325,17 +336,20 @@ _CHUNK_BYTES = 4 << 20
 
 
 class _CoveringDense(torch.autograd.Function):
-    """A layer whose support covers the image as one GEMM ``x~ W + b``, with its own backward.
+    """A layer whose support covers the image as one GEMM ``[x~ 1] W``, with its own backward.
 
-    ``x~`` is the flipped image and ``W = c d + T(m)``: the compact deviations
-    ``(C H W, F, L)`` times their scales ``c`` (``scale``, ``(C H W + 1, 1, L)``)
-    plus the shared kernels' windows (:func:`_window_view`), built in one pass.
-    Autograd through these steps would copy the weight gradient for each slice
-    of the parameter and each in-place add into a view; here the weight
-    gradient is one GEMM into a new tensor (the bias row through a column of
-    ones), reduced to ``m``'s gradient by :func:`_window_adjoint` and scaled in
-    place into ``deviation``'s. Blocks over ``_SAVED_BLOCK_BYTES`` are built by
-    chunks of output channels and rebuilt in the backward.
+    ``x~`` is the flipped image, next to a column of ones for the bias row of
+    ``W = c d + T(m)``: the compact deviations ``(C H W + 1, F, L)`` times
+    their scales ``c`` (``scale``, ``(C H W + 1, 1, L)``) plus the shared
+    kernels ``m = shared * shared_scale`` at each stored deviation (their
+    windows, :func:`_window_view`, and biases), built into one buffer.
+    Autograd through these steps would copy the weight gradient for each
+    slice of the parameter and each in-place add into a view; here the
+    weight gradient is one GEMM with the saved ``[x~ 1]`` into a new tensor,
+    reduced to ``m``'s gradient by :func:`_window_adjoint` and scaled in
+    place into ``deviation``'s and ``shared``'s (the scaling inside: no
+    autograd node for ``m``). Blocks over ``_SAVED_BLOCK_BYTES`` are built
+    by chunks of output channels and rebuilt in the backward.
     """
 
     @staticmethod
@@ -347,72 +361,87 @@ class _CoveringDense(torch.autograd.Function):
         return Fo if Fo * per_channel <= _SAVED_BLOCK_BYTES else max(1, _CHUNK_BYTES // per_channel)
 
     @staticmethod
-    def forward(x, deviation, m, scale, geometry):
+    def forward(x, deviation, shared, shared_scale, scale, geometry):
         C, H, W, Lh, Lw, _, _ = geometry
-        chw, n, Fo, L = C * H * W, x.shape[0], m.shape[0], Lh * Lw
+        chw, n, Fo, L = C * H * W, x.shape[0], shared.shape[0], Lh * Lw
         fc = _CoveringDense._chunk(deviation, geometry)
-        d = deviation[:chw].view(C, H, W, Fo, Lh, Lw)
-        T, S = _window_view(m[:, :-1], geometry), scale[:chw].view(C, H, W, 1, Lh, Lw)
-        bias = torch.addcmul(m[:, -1:], deviation[chw], scale[chw]).view(-1)  # (F L,)
-        xf = x.flip(2, 3).reshape(n, chw)
+        m = shared * shared_scale
+        x1 = torch.cat([x.flip(2, 3).reshape(n, chw), x.new_ones(n, 1)], dim=1)  # the backward's too
         out = x.new_empty(n, Fo * L)
-        work = deviation.new_empty(chw * fc * L)
+        work = deviation.new_empty((chw + 1) * fc * L)
         for f0 in range(0, Fo, fc):
             f1 = min(f0 + fc, Fo)
-            block = work[: chw * (f1 - f0) * L].view(C, H, W, f1 - f0, Lh, Lw)
-            torch.addcmul(T[:, :, :, f0:f1], d[:, :, :, f0:f1], S, out=block)
-            torch.addmm(bias[f0 * L : f1 * L], xf, block.view(chw, -1), out=out[:, f0 * L : f1 * L])
-        return out.view(n, Fo, Lh, Lw), work if fc == Fo else work[:0]
+            block = work[: (chw + 1) * (f1 - f0) * L].view(chw + 1, f1 - f0, L)
+            # windows and biases, then the scaled deviations: a strided copy and a contiguous addcmul_
+            # beat one strided addcmul (addcmul_ has no vmap rule: the backward's rebuild does without)
+            block[:chw].view(C, H, W, f1 - f0, Lh, Lw).copy_(_window_view(m[f0:f1, :-1], geometry))
+            block[chw].copy_(m[f0:f1, -1:])
+            block.addcmul_(deviation[:, f0:f1], scale)
+            torch.mm(x1, block.view(chw + 1, -1), out=out[:, f0 * L : f1 * L])
+        return out.view(n, Fo, Lh, Lw), work if fc == Fo else work[:0], x1
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, deviation, m, scale, geometry = inputs
-        ctx.mark_non_differentiable(output[1])
+        _, deviation, shared, shared_scale, scale, geometry = inputs
+        ctx.mark_non_differentiable(output[1], output[2])
         ctx.set_materialize_grads(False)  # the block gets no gradient: no full-size zeros for it
-        ctx.save_for_backward(x, deviation, m, scale, output[1])
+        ctx.save_for_backward(deviation, shared, shared_scale, scale, output[1], output[2])
         ctx.geometry = geometry
 
     @staticmethod
     @once_differentiable  # the saved block carries no graph: a double backward would be wrong
-    def backward(ctx, grad_out, _):
+    def backward(ctx, grad_out, _, __):
         # Runs under torch.func.vmap in stacked fits: batchable ops only, in place only on own tensors.
-        x, deviation, m, scale, saved = ctx.saved_tensors
+        deviation, shared, shared_scale, scale, saved, x1 = ctx.saved_tensors
         C, H, W, Lh, Lw, _, _ = geometry = ctx.geometry
-        chw, n, Fo, L = C * H * W, x.shape[0], m.shape[0], Lh * Lw
+        chw, n, Fo, L = C * H * W, x1.shape[0], shared.shape[0], Lh * Lw
         g = grad_out.reshape(n, -1)
         grad_x = grad_d = grad_m = None
         if ctx.needs_input_grad[0]:
             if saved.numel():
-                grad_x = g.mm(saved.view(chw, -1).T)
+                grad_x = g.mm(saved.view(chw + 1, -1)[:chw].T)
             else:  # rebuilt by chunks (as in the forward, up to rounding) in one buffer: fresh ones page-fault
                 fc = _CoveringDense._chunk(deviation, geometry)
                 d, S = deviation[:chw].view(C, H, W, Fo, Lh, Lw), scale[:chw].view(C, H, W, 1, Lh, Lw)
-                T = _window_view(m[:, :-1], geometry)
+                m = shared * shared_scale
                 work = g.new_empty(chw * fc * L)  # batched like g under vmap: in-place writes are allowed
                 for f0 in range(0, Fo, fc):
                     f1 = min(f0 + fc, Fo)
                     block = work[: chw * (f1 - f0) * L].view(C, H, W, f1 - f0, Lh, Lw)
-                    block.copy_(d[:, :, :, f0:f1]).mul_(S).add_(T[:, :, :, f0:f1])  # ops vmap batches
+                    block.copy_(d[:, :, :, f0:f1]).mul_(S).add_(_window_view(m[f0:f1, :-1], geometry))  # batched
                     part, block = g[:, f0 * L : f1 * L], block.view(chw, -1)
                     grad_x = part.mm(block.T) if grad_x is None else torch.addmm(grad_x, part, block.T)
-            grad_x = grad_x.view_as(x).flip(2, 3)
+            grad_x = grad_x.view(n, C, H, W).flip(2, 3)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            cols = torch.cat([x.flip(2, 3).reshape(n, chw), x.new_ones(n, 1)], dim=1)
-            grad_w = cols.T.mm(g).view(chw + 1, -1, L)  # (C H W + 1, F, L), the bias row last
+            grad_w = x1.T.mm(g).view(chw + 1, -1, L)  # (C H W + 1, F, L), the bias row last
             if ctx.needs_input_grad[2]:
-                grad_m = torch.cat([_window_adjoint(grad_w[:chw], geometry),
-                                    grad_w[chw].sum(-1).unsqueeze(-1)], dim=1)
+                grad_m = torch.cat([_window_adjoint(grad_w[:chw], geometry), grad_w[chw].sum(-1, keepdim=True)], 1)
+                grad_m.mul_(shared_scale)  # into shared's gradient
             if ctx.needs_input_grad[1]:
                 grad_d = grad_w.mul_(scale)
-        return grad_x, grad_d, grad_m, None, None
+        return grad_x, grad_d, grad_m, None, None, None
 
     @staticmethod
-    def vmap(info, in_dims, x, deviation, m, scale, geometry):
+    def vmap(info, in_dims, x, deviation, shared, shared_scale, scale, geometry):
         # one model at a time: the forward writes into its own buffers (out=), which vmap cannot batch
         args = [a.movedim(d, 0) if d is not None else a.expand(info.batch_size, *a.shape)
-                for a, d in zip((x, deviation, m, scale), in_dims)]
+                for a, d in zip((x, deviation, shared, shared_scale, scale), in_dims)]
         outs = [_CoveringDense.apply(*(a[b] for a in args), geometry) for b in range(info.batch_size)]
-        return tuple(torch.stack(o) for o in zip(*outs)), (0, 0)
+        return tuple(torch.stack(o) for o in zip(*outs)), (0, 0, 0)
+
+
+class _CoveringDenseEager(_CoveringDense):
+    """:class:`_CoveringDense` outside torch.func transforms, which need its ``setup_context`` form:
+    with ``ctx`` in the forward, ``Function.apply`` skips binding the arguments to the forward's
+    signature at each call (about 25 us, 4% of an 8x8 layer's forward and backward)."""
+
+    setup_context = torch.autograd.Function.setup_context  # the default: not defined
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _CoveringDense.forward(*inputs)
+        _CoveringDense.setup_context(ctx, inputs, output)
+        return output
 
 
 class SoftConv2d(nn.Module):
@@ -708,11 +737,29 @@ class SoftConv2d(nn.Module):
     def _stored_scale(self) -> torch.Tensor:
         """``deviation_scale`` at each stored deviation, ``(C H W + 1, 1, L)`` (compact storage).
 
-        ``as_deviation_storage(deviation_scale)`` through views (several times
-        faster than the gather), from the buffer at each call: never stale.
+        ``as_deviation_storage(deviation_scale)`` through :func:`_window_view`
+        (several times faster than the gather), kept while the buffer is
+        the same tensor at the same version: in-place writes (``set_scales``,
+        ``load_state_dict``) bump it, ``.to()`` replaces the tensor; a write
+        through ``.data`` would not be seen. Not kept when built inside
+        torch.func transforms (wrapped for them, swapped buffers), from a
+        buffer that requires grad (a graph) or an inference tensor (no version);
+        not pickled or deep-copied (``__getstate__``).
         """
-        scale, L = self.deviation_scale, self.n_positions
-        return torch.cat([_window_view(scale[:-1], self._geometry).reshape(-1, 1, L), scale[-1:].expand(1, 1, L)])
+        scale = self.deviation_scale
+        cached = self.__dict__.get("_stored_scale_cache")
+        if cached is not None and cached[0] is scale and cached[1] == scale._version:
+            return cached[2]
+        L = self.n_positions
+        stored = torch.cat([_window_view(scale[:-1], self._geometry).reshape(-1, 1, L), scale[-1:].expand(1, 1, L)])
+        if not (scale.requires_grad or scale.is_inference() or torch._C._are_functorch_transforms_active()):
+            self.__dict__["_stored_scale_cache"] = (scale, scale._version, stored)
+        return stored
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop("_stored_scale_cache", None)  # derived from a buffer: rebuilt at the first use
+        return state
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -904,9 +951,9 @@ class SoftConv2d(nn.Module):
     # --------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._one_gemm:
-            out, _ = _CoveringDense.apply(x, self.deviation, self.shared_kernel(), self._stored_scale(),
-                                          self._geometry)
-            return out
+            covering = _CoveringDense if torch._C._are_functorch_transforms_active() else _CoveringDenseEager
+            return covering.apply(x, self.deviation, self.shared, self.shared_scale, self._stored_scale(),
+                                  self._geometry)[0]
         n = x.shape[0]
         ah, aw = self._tiles
         Th, Tw, th, tw = ah.n_tiles, aw.n_tiles, ah.length, aw.length

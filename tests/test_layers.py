@@ -392,6 +392,75 @@ def test_full_support_one_gemm_matches_the_kernel_view(geometry, chunks, monkeyp
     assert got[0].is_contiguous()
 
 
+@pytest.mark.parametrize("geometry", FULL_GEOMETRIES + [(1, 2, 8, 8, 3, 1, "same", "full")])
+def test_window_view_and_its_adjoint(geometry):
+    """_window_view gives the flipped kernel's windows (the unfold view it copies through), and
+    _window_adjoint is its adjoint (autograd's vector-Jacobian product through unfold), also
+    batched by vmap (the backward runs under it in stacked fits), at stride 2 and with 3 channels."""
+    from torch.func import vmap
+
+    from softcnn.layers import _window_adjoint, _window_view
+
+    layer = random_layer(*geometry, "auto")
+    C, H, W, Lh, Lw, sh, sw = layer._geometry
+    (Sh, Sw), B = layer.support_shape, 4
+    g = torch.Generator().manual_seed(8)
+    v = torch.randn(B, C * Sh * Sw, dtype=torch.float64, generator=g, requires_grad=True)
+    unfolded = v.reshape(B, C, Sh, Sw).flip(2, 3).unfold(2, H, sh).unfold(3, W, sw).permute(1, 4, 5, 0, 2, 3)
+    assert torch.equal(_window_view(v, layer._geometry), unfolded)
+    cot = torch.randn(C * H * W, B, Lh * Lw, dtype=torch.float64, generator=g)
+    (expected,) = torch.autograd.grad(unfolded, v, cot.view(unfolded.shape))
+    torch.testing.assert_close(_window_adjoint(cot, layer._geometry), expected, rtol=0, atol=1e-12)
+    stacked = torch.stack([cot, 2 * cot])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # vmap's slow fallback for an op without a batching rule
+        batched = vmap(lambda c: _window_adjoint(c, layer._geometry))(stacked)
+    torch.testing.assert_close(batched, torch.stack([expected, 2 * expected]), rtol=0, atol=1e-12)
+
+
+def test_stored_scale_is_kept_while_deviation_scale_is_unchanged():
+    """The scales at the stored deviations are built once per state of deviation_scale: rebuilt after
+    set_scales, an in-place write, load_state_dict or a dtype change; not kept from inside torch.func
+    transforms (swapped buffers); not pickled or deep-copied; outputs follow the scales."""
+    import copy
+    import pickle
+
+    from torch.func import functional_call, vmap
+
+    layer = random_layer(1, 2, 5, 4, 3, 1, "same", "full", "auto")
+    K = layer.mask.shape[1]
+    x = torch.randn(3, 1, 5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+
+    def expected():
+        return layer.as_deviation_storage(layer.deviation_scale)
+
+    first = layer._stored_scale()
+    assert layer._stored_scale() is first and torch.equal(first, expected())
+    out = layer(x).detach()
+    layer.set_scales(torch.full((K,), 0.5, dtype=torch.float64), torch.full((K,), 4.0, dtype=torch.float64))
+    assert torch.equal(layer._stored_scale(), expected()) and not torch.equal(layer._stored_scale(), first)
+    torch.testing.assert_close(layer(x), out, rtol=0, atol=1e-12)  # set_scales keeps the model
+    with torch.no_grad():
+        layer.deviation_scale[:3] = 2.0
+    assert torch.equal(layer._stored_scale(), expected())
+    other = random_layer(1, 2, 5, 4, 3, 1, "same", "full", "auto", seed=1)
+    with torch.no_grad():
+        other.deviation_scale.uniform_(0.5, 2.0, generator=torch.Generator().manual_seed(4))
+    layer.load_state_dict(other.state_dict())
+    assert torch.equal(layer._stored_scale(), expected())
+    torch.testing.assert_close(layer(x), other(x), rtol=0, atol=0)
+    kept = layer._stored_scale()
+    swapped = torch.stack([layer.deviation_scale, 2 * layer.deviation_scale])
+    inside = vmap(lambda s: functional_call(layer, {"deviation_scale": s}, (x,)))(swapped)
+    torch.testing.assert_close(inside[0], layer(x), rtol=0, atol=1e-12)
+    assert layer._stored_scale() is kept  # the swapped buffers' scales were not kept
+    for clone in (pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer)):
+        assert "_stored_scale_cache" not in clone.__dict__
+        torch.testing.assert_close(clone(x), layer(x), rtol=0, atol=0)
+    layer.float()
+    assert layer._stored_scale().dtype == torch.float32 and torch.equal(layer._stored_scale(), expected())
+
+
 @pytest.mark.parametrize("geometry", FULL_GEOMETRIES + [GEOMETRIES[1]])
 def test_deviation_accessors_round_trip_whatever_the_storage(geometry):
     """set_deviations / deviations / as_deviation_storage / deviation_gradient speak (L, F, K) for
