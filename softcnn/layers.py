@@ -267,6 +267,10 @@ def _window_adjoint(g: torch.Tensor, geometry: tuple) -> torch.Tensor:
     C, H, W, Lh, Lw, sh, sw = geometry
     Sh, Sw = H + (Lh - 1) * sh, W + (Lw - 1) * sw
     B = g.shape[1]
+    if torch.is_grad_enabled() and g.requires_grad:  # differentiably (create_graph): in-place adds into
+        # unbind's views are refused there; fold is the same sum (im2col's adjoint), slower
+        cols = g.reshape(C * H * W, B, Lh * Lw).transpose(0, 1)
+        return F.fold(cols, (Sh, Sw), (H, W), stride=(sh, sw)).flip(2, 3).reshape(B, -1)
     g = g.reshape(C, H, W, B, Lh, Lw)
     rows = g.new_zeros(W, B, C, Sh, Lw)  # rows[w, b, c, i sh + h, j] = sum over h of g[c, h, w, b, i, j]
     windows = rows.unfold(3, (Lh - 1) * sh + 1, 1)[..., ::sh].movedim(-1, 4).unbind(3)
@@ -286,7 +290,8 @@ def _stored_kernels(values: torch.Tensor, m: torch.Tensor | None, scale: torch.T
 
     ``values`` is in the layout of ``deviation``; ``m`` ``(F, K)`` and ``scale`` ``(K,)`` are read
     at each entry: broadcast over an ``(L, F, K)`` storage (``geometry`` None), through their
-    windows (:func:`_window_view`, no copy) in a compact one ``(C H W + 1, F, L)``, bias row last.
+    windows (:func:`_window_view`) in a compact one ``(C H W + 1, F, L)``, bias row last: one
+    strided pass (faster here than copying the windows first).
     Into ``out`` (not differentiable; it may be ``values``), else a new tensor (differentiable).
     """
     if m is None:
@@ -415,19 +420,15 @@ class _CoveringDense(torch.autograd.Function):
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             grad_w = x1.T.mm(g).view(chw + 1, -1, L)  # (C H W + 1, F, L), the bias row last
             if ctx.needs_input_grad[2]:
-                grad_m = torch.cat([_window_adjoint(grad_w[:chw], geometry), grad_w[chw].sum(-1, keepdim=True)], 1)
-                grad_m.mul_(shared_scale)  # into shared's gradient
+                grad_m = _stored_adjoint(grad_w, geometry).mul_(shared_scale)  # into shared's gradient
             if ctx.needs_input_grad[1]:
                 grad_d = grad_w.mul_(scale)
         return grad_x, grad_d, grad_m, None, None, None
 
     @staticmethod
     def vmap(info, in_dims, x, deviation, shared, shared_scale, scale, geometry):
-        # one model at a time: the forward writes into its own buffers (out=), which vmap cannot batch
-        args = [a.movedim(d, 0) if d is not None else a.expand(info.batch_size, *a.shape)
-                for a, d in zip((x, deviation, shared, shared_scale, scale), in_dims)]
-        outs = [_CoveringDense.apply(*(a[b] for a in args), geometry) for b in range(info.batch_size)]
-        return tuple(torch.stack(o) for o in zip(*outs)), (0, 0, 0)
+        return _vmap_per_model(_CoveringDense.apply, info, in_dims, x, deviation, shared, shared_scale, scale,
+                               geometry)
 
 
 class _CoveringDenseEager(_CoveringDense):
