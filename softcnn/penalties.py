@@ -164,6 +164,13 @@ class Penalty(ABC):
             buf = state[name] = m.new_empty(shape)
         return buf
 
+    def _stored_work(self, layer: SoftConv2d) -> torch.Tensor:
+        """Where a prox works on values in the layout of ``deviation``: the parameter itself where
+        every stored entry exists (one full-size tensor stays in the cache, not two: 1.5x faster at
+        28x28 'full'; the prox writes it back anyway), else a buffer kept per layer (absent
+        entries of an ``(L, F, K)`` storage keep their values)."""
+        return layer.deviation if layer.stored_exists() is None else self._kernel_buffer(layer, "work", stored=True)
+
     def _squared_norms(self, layer: SoftConv2d, t: torch.Tensor, dim: tuple[int, ...]) -> torch.Tensor:
         """``Σ t²`` over ``dim`` (keepdim) of a tensor of ``deviation``'s shape, squared in a kept buffer."""
         return torch.mul(t, t, out=self._kernel_buffer(layer, "squares", stored=True)).sum(dim, keepdim=True)
@@ -423,7 +430,7 @@ class TyingL1Mean(_NonSmooth):
 
     @torch.no_grad()
     def prox(self, layer, step):
-        d = layer.stored_deviations(out=self._kernel_buffer(layer, "deviations", stored=True))
+        d = layer.stored_deviations(out=self._stored_work(layer))
         layer.set_stored_deviations(_prox.soft_threshold(d, _dev_step(layer, step), out=d), consume=True)
 
 
@@ -443,7 +450,7 @@ class TyingGroupMean(_NonSmooth):
     def prox(self, layer, step):
         # group_soft_threshold in place, with the norms summed from squares in a kept buffer
         # (torch's norms over leading dimensions of a 'full' storage are slower than the prox)
-        d = _masked(layer, layer.stored_deviations(out=self._kernel_buffer(layer, "deviations", stored=True)))
+        d = _masked(layer, layer.stored_deviations(out=self._stored_work(layer)))
         norms = self._squared_norms(layer, d, _entry_dims(layer)).sqrt_()
         layer.set_stored_deviations(_prox._block_shrink(d, norms, _dev_step(layer, step), out=d), consume=True)
 
@@ -672,7 +679,7 @@ class LocalityL1(_NonSmooth, _ProfiledPenalty):
 
     @torch.no_grad()
     def prox(self, layer, step):
-        w = layer.stored_kernels(out=self._kernel_buffer(layer, "kernels", stored=True))
+        w = layer.stored_kernels(out=self._stored_work(layer))
         t = _dev_step(layer, step)
         _write_tied(layer, _prox.soft_threshold(w, t, self.stored_weights(layer), out=w,
                                                 workspace=self._state(layer).setdefault("workspace", {})),
@@ -818,7 +825,7 @@ class LocalityRings(_NonSmooth, _ProfiledPenalty):
         ring_h, ring_w, every = self._stored_rings(layer)
         C, H, W, Lh, Lw, _, _ = layer.stored_geometry
         m, chw, Fo = layer.shared_kernel(), C * H * W, layer.out_channels
-        w = layer.stored_kernels(out=self._kernel_buffer(layer, "kernels", stored=True))
+        w = layer.stored_kernels(out=self._stored_work(layer))
         weights = w[:chw]
         squares = torch.mul(weights, weights, out=self._kernel_buffer(layer, "squares", stored=True)[:chw])
         ring_sq = w.new_zeros(n_groups + 1, Fo, Lh * Lw).scatter_add_(0, every.expand_as(squares), squares)
@@ -878,7 +885,7 @@ class ChannelSparsity(_NonSmooth):
 
     @torch.no_grad()
     def prox(self, layer, step):
-        w = _masked(layer, layer.stored_kernels(out=self._kernel_buffer(layer, "kernels", stored=True)))
+        w = _masked(layer, layer.stored_kernels(out=self._stored_work(layer)))
         # block soft thresholding by its per-channel factor, applied in place to w and to m alike
         norms = self._squared_norms(layer, w, (0, 2)).sqrt_()  # (1, F, 1)
         t = _dev_step(layer, step)
@@ -909,7 +916,7 @@ class _Elementwise(_NonSmooth):
 
     @torch.no_grad()
     def prox(self, layer, step):
-        w = layer.stored_kernels(out=self._kernel_buffer(layer, "kernels", stored=True))
+        w = layer.stored_kernels(out=self._stored_work(layer))
         m, t = layer.shared_kernel(), _dev_step(layer, step)
         self.elementwise_prox(layer.stored_weights(w), t, out=layer.stored_weights(w),
                               workspace=self._state(layer).setdefault("workspace", {}))

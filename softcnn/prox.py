@@ -1152,11 +1152,27 @@ def tl1_prox(
     # terms of P needed for the dtype's precision at the largest q (s = a); none: the closed form
     q_max, eps = 27 * c / (4 * a_float**3), torch.finfo(x.dtype).eps
     n_terms = next((k for k in range(1, len(_TL1_SERIES)) if _TL1_SERIES[k] * q_max**k <= eps / 8), None)
-    # in place on four full-size buffers (temporaries cost more than the arithmetic), with no
-    # boolean masks (slow on CPU): keep is 1 where |x| > thr, else 0, the comparison written as
-    # numbers directly
+    res = torch.empty_like(x) if out is None else out
+    if x.numel() > _CHUNK and x.is_contiguous() and res.is_contiguous():  # by chunks that stay in cache
+        for part, part_out in zip(x.view(-1).split(_CHUNK), res.view(-1).split(_CHUNK)):
+            _tl1_magnitudes(part, thr, a_float, c, n_terms, part_out, workspace, _CHUNK)
+        return res
+    return _tl1_magnitudes(x, thr, a_float, c, n_terms, res, workspace, x.numel())
+
+
+#: Elementwise proxes of many steps run on chunks of this many entries when the input is larger:
+#: a chunk's temporaries stay in the CPU's cache, where whole ones (20 MB at 28x28 'full') spill
+#: at each of the steps (tl1 at 28x28 'full': 12.9 ms instead of 18.6; 1 << 16 and 1 << 20 slower).
+_CHUNK = 1 << 18
+
+
+def _tl1_magnitudes(x, thr, a_float, c, n_terms, out, workspace, size):
+    """:func:`tl1_prox` after its checks, into ``out``, on scratch buffers of ``size`` entries kept in
+    ``workspace`` (the chunk size: every chunk uses the same ones)."""
+    # in place on four buffers (temporaries cost more than the arithmetic), with no boolean
+    # masks (slow on CPU): keep is 1 where |x| > thr, else 0, the comparison written as numbers
     def buffer(name):
-        return _scratch(workspace, name, x.shape, x)
+        return _scratch(workspace, name, (size,), x)[: x.numel()].view(x.shape)
 
     mag = torch.abs(x, out=buffer("mag"))
     keep = torch.gt(mag, thr, out=buffer("keep"))

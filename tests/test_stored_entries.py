@@ -131,3 +131,18 @@ def test_proxes_with_workspaces_equal_fresh_ones():
     soft_threshold(u, 0.5, out=u)  # the fused scalar path, in place
     torch.testing.assert_close(u, x - x.clamp(-0.5, 0.5), rtol=0, atol=0)
     assert not torch.signbit(u[u == 0]).any()
+
+
+def test_tl1_prox_by_chunks_equals_a_whole_pass():
+    """A contiguous input larger than prox._CHUNK runs by chunks; a transposed view of it does not."""
+    from softcnn import prox
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(prox._CHUNK // 100 + 7, 100, generator=g)  # float32, as fits run
+    assert x.numel() > prox._CHUNK
+    for t, a in ((1e-3, 0.5), (0.3, 0.2)):  # the series and the closed form
+        ws = {}
+        chunked = prox.tl1_prox(x, t, a, workspace=ws)
+        whole = prox.tl1_prox(x.t(), t, a).t()
+        assert torch.equal(chunked, whole) and (chunked == 0).any() and (chunked != 0).any()
+        assert all(b.numel() == prox._CHUNK for b in ws.values())  # chunk-sized scratch
