@@ -1095,7 +1095,9 @@ def tl1_prox(
         Where to write the result (shape, dtype and device of ``x``); it may be
         ``x`` itself or a view of it.
     workspace : dict, optional
-        Scratch buffers kept between calls (four of the size of ``x``).
+        Scratch buffers kept between calls for an input run by chunks (a large contiguous one).
+        A whole input takes fresh ones: memory the allocator has just freed is in cache, where
+        kept buffers have gone cold since the last call (measured at 28x28, support 9).
 
     Returns
     -------
@@ -1157,7 +1159,7 @@ def tl1_prox(
         for part, part_out in zip(x.view(-1).split(_CHUNK), res.view(-1).split(_CHUNK)):
             _tl1_magnitudes(part, thr, a_float, c, n_terms, part_out, workspace, _CHUNK)
         return res
-    return _tl1_magnitudes(x, thr, a_float, c, n_terms, res, workspace, x.numel())
+    return _tl1_magnitudes(x, thr, a_float, c, n_terms, res, None, x.numel())
 
 
 #: Elementwise proxes of many steps run on chunks of this many entries when the input is larger:

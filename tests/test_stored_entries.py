@@ -124,8 +124,6 @@ def test_proxes_with_workspaces_equal_fresh_ones():
     for t in (0.1, 0.7):
         torch.testing.assert_close(soft_threshold(x, t, weights, workspace=ws), soft_threshold(x, t, weights),
                                    rtol=0, atol=0)
-        for a in (0.3, 2.0):
-            torch.testing.assert_close(tl1_prox(x, t, a, workspace=ws), tl1_prox(x, t, a), rtol=0, atol=0)
     assert ws  # the buffers were kept
     u = x.clone()
     soft_threshold(u, 0.5, out=u)  # the fused scalar path, in place
