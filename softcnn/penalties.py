@@ -791,8 +791,9 @@ class LocalityRings(_NonSmooth, _ProfiledPenalty):
             per_row, per_col = rings.max(1).values, rings.max(0).values
             if not torch.equal(rings, torch.minimum(per_row[:, None], per_col[None, :])):
                 raise AssertionError("ring groups must be the outsides of windows")  # by construction
-            ring_h = per_row[torch.arange(H)[:, None] + sh * torch.arange(Lh)[None, :]]
-            ring_w = per_col[torch.arange(W)[:, None] + sw * torch.arange(Lw)[None, :]]
+            dev = ring.device
+            ring_h = per_row[torch.arange(H, device=dev)[:, None] + sh * torch.arange(Lh, device=dev)[None, :]]
+            ring_w = per_col[torch.arange(W, device=dev)[:, None] + sw * torch.arange(Lw, device=dev)[None, :]]
             every = torch.minimum(ring_h[:, None, :, None], ring_w[None, :, None, :])  # (H, W, Lh, Lw)
             every = every.expand(C, H, W, Lh, Lw).reshape(C * H * W, 1, Lh * Lw)
             return ring_h, ring_w, every
@@ -832,7 +833,8 @@ class LocalityRings(_NonSmooth, _ProfiledPenalty):
         scales = _prox._nested_ring_scales(ring_sq, thr).flip(0).view(n_groups + 1, Fo, Lh, Lw)  # row j: ring j
         # each weight's scale: the smaller of its row's and its column's (in the squares' buffer)
         by_position = scales.permute(0, 2, 3, 1)  # (N, Lh, Lw, F)
-        i, j = torch.arange(Lh)[None, :, None], torch.arange(Lw)[None, None, :]
+        i, j = (torch.arange(n, device=w.device) for n in (Lh, Lw))
+        i, j = i[None, :, None], j[None, None, :]
         by_row = by_position[ring_h[:, :, None], i, j].permute(0, 3, 1, 2)  # (H, F, Lh, Lw)
         by_col = by_position[ring_w[:, None, :], i, j].permute(0, 3, 1, 2)  # (W, F, Lh, Lw)
         scale = torch.minimum(by_row[:, None], by_col[None], out=squares.view(C, H, W, Fo, Lh, Lw)[0])
