@@ -939,9 +939,9 @@ class SoftConv2d(nn.Module):
     def set_stored_kernels(self, w: torch.Tensor) -> None:
         """Store kernels ``w``, given in the layout of ``deviation``, as ``d = w - m`` (``m`` is kept).
 
-        ``w`` is overwritten. The raw deviation ``(w - m) / c`` is computed in one pass as
-        ``w / c - m / c``: the same numbers for the power-of-two scales of proximal fits, and
-        exactly 0 where ``w = m``.
+        ``w`` may be overwritten (it may be ``deviation`` itself). The raw deviation
+        ``(w - m) / c`` is computed in one pass as ``w / c - m / c``: the same numbers for the
+        power-of-two scales of proximal fits, and exactly 0 where ``w = m``.
         """
         m_c = self.shared_kernel() / self.deviation_scale
         if self._compact:  # every stored entry exists: straight into the parameter
