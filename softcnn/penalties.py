@@ -257,11 +257,8 @@ class _StoredSquares(torch.autograd.Function):
     @staticmethod
     def _weighted(x, m, c, r, geometry, in_place):
         """``r a``: in place in a new buffer, or differentiably (``in_place=False``)."""
-        if not in_place:
-            a = _stored_kernels(x, m, c, geometry)
-            return a if r is None else a * r
-        a = _stored_kernels(x, m, c, geometry, out=torch.empty_like(x))
-        return a if r is None else a.mul_(r)
+        a = _stored_kernels(x, m, c, geometry, out=torch.empty_like(x) if in_place else None)
+        return a if r is None else a.mul_(r) if in_place else a * r
 
     @staticmethod
     def forward(x, m, c, r, geometry):

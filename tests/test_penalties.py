@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from plain_penalties import plain_l2_grid
 
 from softcnn import SoftConvRegressor
 from softcnn.layers import SoftConv2d
@@ -232,15 +233,9 @@ def test_l2_grid_tying_second_derivatives_match_autograd():
     with torch.no_grad():
         layer.deviation.normal_()
 
-    def plain(layer):
-        Lh, Lw = layer.output_shape
-        d = layer.deviations().reshape(Lh, Lw, layer.out_channels, -1)
-        m = layer.mask.reshape(Lh, Lw, 1, -1).to(d.dtype)
-        return ((d[1:] - d[:-1]) * m[1:] * m[:-1]).pow(2).sum() + ((d[:, 1:] - d[:, :-1]) * m[:, 1:] * m[:, :-1]).pow(2).sum()
-
     v = torch.randn_like(layer.deviation)
     hvps = []
-    for value in (TyingL2Grid().layer_value, plain):
+    for value in (TyingL2Grid().layer_value, plain_l2_grid):
         (g,) = torch.autograd.grad(value(layer), layer.deviation, create_graph=True)
         hvps.append(torch.autograd.grad((g * v).sum(), layer.deviation)[0])
     assert hvps[1].abs().max() > 0

@@ -14,6 +14,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from plain_penalties import plain_l2_grid
 from sklearn.exceptions import ConvergenceWarning
 from test_proximal import random_layer
 
@@ -484,14 +485,6 @@ def test_kernel_writes_keep_ties_and_zeros_exact(pen, step, c_d):
 
 
 # ------------------------------------------------------------ l2 grid
-def _plain_l2_grid(layer):
-    """Σ ((d_q - d_p) m_pq)² through autograd's own slicing of the (L, F, K) view (the previous formulation)."""
-    Lh, Lw = layer.output_shape
-    d = layer.deviations().reshape(Lh, Lw, layer.out_channels, -1)
-    m = layer.mask.reshape(Lh, Lw, 1, -1).to(d.dtype)
-    return ((d[1:] - d[:-1]) * m[1:] * m[:-1]).pow(2).sum() + ((d[:, 1:] - d[:, :-1]) * m[:, 1:] * m[:, :-1]).pow(2).sum()
-
-
 @pytest.mark.parametrize("image", [(4, 4), (1, 6), (6, 1), (5, 3)])
 def test_tying_l2_grid_written_out_backward_is_autograds(image):
     layer = random_layer(27, support=5, image=image, channels=(2, 2), k=3)
@@ -499,37 +492,9 @@ def test_tying_l2_grid_written_out_backward_is_autograds(image):
     value.backward()
     grad = layer.deviation.grad.clone()
     layer.deviation.grad = None
-    plain = _plain_l2_grid(layer)
+    plain = plain_l2_grid(layer)
     plain.backward()
     value, plain = float(value.detach()), float(plain.detach())
     assert value == pytest.approx(plain, rel=1e-12) and plain > 0
     torch.testing.assert_close(grad, layer.deviation.grad, atol=1e-12, rtol=0)
     assert grad.abs().max() > 0
-
-
-def test_tying_l2_grid_under_vmap():
-    """softcnn.batched evaluates smooth penalties with torch.func.vmap(grad_and_value(...))."""
-    from torch.func import functional_call, grad_and_value, vmap
-
-    class Value(torch.nn.Module):
-        def __init__(self, layer):
-            super().__init__()
-            self.layer = layer
-
-        def forward(self):
-            return TyingL2Grid().layer_value(self.layer)
-
-    module = Value(random_layer(28))
-    devs = torch.stack([s * module.layer.deviation.detach() for s in (1.0, -0.5, 2.0)])
-
-    def value(dev):
-        return functional_call(module, {"layer.deviation": dev}, ())
-
-    grads, values = vmap(grad_and_value(value))(devs)
-    for k, dev in enumerate(devs):
-        d = dev.clone().requires_grad_(True)
-        v = value(d)
-        v.backward()
-        assert float(values[k]) == pytest.approx(float(v.detach()), rel=1e-12)
-        torch.testing.assert_close(grads[k], d.grad, atol=1e-12, rtol=0)
-    assert not torch.allclose(grads[0], grads[2])

@@ -2,7 +2,8 @@
 
 import pytest
 import torch
-from torch.func import grad, vmap
+from plain_penalties import plain_l2_grid
+from torch.func import grad_and_value, vmap
 
 from softcnn.layers import SoftConv2d
 from softcnn.penalties import LocalityL2, Ridge, TyingL2Grid, TyingL2Mean
@@ -58,11 +59,7 @@ def _plain(pen, layer):
     if isinstance(pen, Ridge):
         return layer.kernels()[..., :-1].pow(2).sum()
     if isinstance(pen, TyingL2Grid):
-        Lh, Lw = layer.output_shape
-        d = layer.deviations().reshape(Lh, Lw, layer.out_channels, -1)
-        m = layer.mask.reshape(Lh, Lw, 1, -1).to(d.dtype)
-        return (((d[1:] - d[:-1]) * m[1:] * m[:-1]).pow(2).sum()
-                + ((d[:, 1:] - d[:, :-1]) * m[:, 1:] * m[:, :-1]).pow(2).sum())
+        return plain_l2_grid(layer)
     return (layer.kernels().pow(2) * pen.weights(layer)).sum()
 
 
@@ -90,7 +87,8 @@ def test_stored_squares_value_gradient_and_hessian_match_autograd(pen, geometry)
 @pytest.mark.parametrize("geometry", GEOMETRIES[::2])
 @pytest.mark.parametrize("pen", [Ridge(), TyingL2Grid()], ids=repr)
 def test_stored_squares_under_vmap(pen, geometry):
-    """Stacked fits evaluate penalties under vmap: each model's gradient is its own."""
+    """Stacked fits (softcnn.batched) evaluate smooth penalties with vmap(grad_and_value(...)):
+    each model's value and gradient are those of an eager backward on its own weights."""
     layer = _layer(**geometry)
     holder = _Holder(layer, pen)
     devs = torch.stack([layer.deviation.detach() * s for s in (1.0, -0.5, 2.0)])
@@ -98,10 +96,14 @@ def test_stored_squares_under_vmap(pen, geometry):
     def value(dev):
         return torch.func.functional_call(holder, {"layer.deviation": dev}, ())
 
-    batched = vmap(grad(value))(devs)
-    for dev, g in zip(devs, batched):
-        torch.testing.assert_close(g, grad(value)(dev), rtol=1e-12, atol=1e-12)
-    assert not torch.allclose(batched[0], batched[1])
+    grads, values = vmap(grad_and_value(value))(devs)
+    for k, dev in enumerate(devs):
+        d = dev.clone().requires_grad_(True)
+        v = value(d)
+        v.backward()
+        assert float(values[k]) == pytest.approx(float(v.detach()), rel=1e-12)
+        torch.testing.assert_close(grads[k], d.grad, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(grads[0], grads[1])
 
 
 class _Holder(torch.nn.Module):
