@@ -472,18 +472,26 @@ class _TyingTV(_NonSmooth):
 
     @torch.no_grad()
     def prox(self, layer, step):
-        d = layer.deviations(out=self._kernel_buffer(layer, "tv_input")).mul_(_exists(layer, layer.shared.dtype))
+        t, scale = _dev_step(layer, step), layer.deviation_scale
+        # TV is 1-homogeneous: with one scale c (as in proximal fits) and positions first in the
+        # storage, d = c x is solved as x itself with the step t / c (absent entries stay)
+        raw = layer.stored_position_dim == 0 and bool((scale == scale[0]).all())
+        if raw:
+            d, t = layer.deviation, t / float(scale[0])
+        else:
+            d = layer.deviations(out=self._kernel_buffer(layer, "tv_input")).mul_(_exists(layer, scale.dtype))
         # warm start from this layer's previous dual (a step moves the solution little), and
         # the solver's scratch buffers kept with it
-        state, key = self._state(layer), (d.shape, d.dtype, d.device)
+        state, key = self._state(layer), (raw, d.shape, d.dtype, d.device)
         last_key, dual = state.get("tv_dual", (None, None))
         _, dual = _prox.tv_prox(
-            d, _dev_step(layer, step), layer.output_shape, kind=self.kind, mask=layer.mask.unsqueeze(1),
+            d, t, layer.output_shape, kind=self.kind, mask=layer.mask.unsqueeze(1),
             dual=dual if last_key == key else None, return_dual=True, out=d,
             workspace=state.setdefault("tv_workspace", {}),
         )
         state["tv_dual"] = (key, dual)
-        layer.set_deviations(d, consume=True)
+        if not raw:
+            layer.set_deviations(d, consume=True)
 
     def finalize(self, layer):
         _recentre(layer)

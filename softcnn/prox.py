@@ -766,6 +766,19 @@ def pairwise_l1_prox(
 # ---------------------------------------------------------------------------
 
 
+def _columns(t: torch.Tensor, cols: torch.Tensor, rest: tuple[int, ...]) -> torch.Tensor:
+    """The flat columns ``cols`` of ``rest`` from ``t`` of shape ``(..., *r)``, ``r`` broadcastable
+    to ``rest`` (index 0 along its size-1 dimensions): shape ``(..., len(cols))``."""
+    at = torch.unravel_index(cols, rest)
+    at = [i if s > 1 else torch.zeros_like(i) for i, s in zip(at, t.shape[t.ndim - len(rest):], strict=True)]
+    return t[(..., *at)]
+
+
+def _masked_inf(mask: torch.Tensor) -> torch.Tensor:
+    """0 where ``mask`` holds, +inf elsewhere (adding it takes the masked entries out of a minimum)."""
+    return torch.where(mask, 0.0, float("inf"))
+
+
 # Anisotropic TV drops converged columns from its iterations once at least this many (and at
 # least half) have converged: copying the others out costs about as much as a few iterations of
 # this many columns.
@@ -853,30 +866,40 @@ def tv_prox(
     -----
     Let ``D`` map ``u`` to its differences :math:`u_q - u_p` over the
     4-neighbour pairs ``p ~ q`` of the grid (horizontal and vertical), masked
-    as described above. The penalty is :math:`g(u) = \\sum_{p\\sim q}
-    \\varphi(u_q - u_p)` with :math:`\\varphi = \\|\\cdot\\|_1` (``"l1"``) or
-    :math:`\\|\\cdot\\|_2` (``"group"``). By duality,
+    as described above. The penalty is :math:`g(u) = \sum_{p\sim q}
+    \varphi(u_q - u_p)` with :math:`\varphi = \|\cdot\|_1` (``"l1"``) or
+    :math:`\|\cdot\|_2` (``"group"``). By duality,
 
-    .. math:: \\operatorname{prox}_{t g}(x) = x - D^\\top z^\\star, \\qquad
-              z^\\star \\in \\arg\\min_{z \\in C_t} \\tfrac12 \\|x - D^\\top z\\|_2^2,
+    .. math:: \operatorname{prox}_{t g}(x) = x - D^\top z^\star, \qquad
+              z^\star \in \arg\min_{z \in C_t} \tfrac12 \|x - D^\top z\|_2^2,
 
     where :math:`C_t` is the product of the dual-norm balls of radius ``t``:
-    boxes :math:`|z_{e,j}| \\le t` for ``"l1"`` and Euclidean balls
-    :math:`\\|z_e\\|_2 \\le t` for ``"group"``. The dual is solved by FISTA
+    boxes :math:`|z_{e,j}| \le t` for ``"l1"`` and Euclidean balls
+    :math:`\|z_e\|_2 \le t` for ``"group"``. The dual is solved by FISTA
     (Beck & Teboulle 2009) with projected gradient steps of size
-    :math:`1/8 \\le 1/\\|D\\|^2` (a 2-D grid difference operator has
-    :math:`\\|D\\|^2 \\le 8`) and the gradient-based adaptive restart of
+    :math:`1/8 \le 1/\|D\|^2` (a 2-D grid difference operator has
+    :math:`\|D\|^2 \le 8`) and the gradient-based adaptive restart of
     O'Donoghue & Candes (2015), from 0 or from ``dual``. The
     returned ``u = x - D^T z`` for the last (feasible) dual iterate; the
-    primal error satisfies :math:`\\|u - u^\\star\\|^2 \\le 2 (F(z) - F^\\star)`
+    primal error satisfies :math:`\|u - u^\star\|^2 \le 2 (F(z) - F^\star)`
     where ``F`` is the dual objective, which FISTA drives to 0 at rate
     :math:`O(1/k^2)` from any feasible start, so a start near
-    :math:`z^\\star` (the previous step's dual in a proximal-gradient loop)
+    :math:`z^\star` (the previous step's dual in a proximal-gradient loop)
     meets the same stopping test in fewer iterations. Each iteration costs
-    :math:`O(\\text{numel})` (about ten passes over the dual, in place). After
-    a warm start from the previous step of a fit, anisotropic TV typically
-    moves all entries in the first iteration, confirms all but a few dozen in
-    the second, and spends the rest on those few only.
+    :math:`O(\text{numel})` (about ten passes over the dual, in place).
+
+    Anisotropic TV is first *screened*, exactly. At the solution
+    :math:`|u_p - x_p| \le 4t` (a position has at most four edges, each
+    :math:`|z_e| \le t`), so an edge with :math:`|(Dx)_e| > 8t` keeps the
+    sign of :math:`(Dx)_e` and its dual is :math:`z_e = t \operatorname{sign}
+    (Dx)_e` whatever the others. An entry (column of ``rest``) whose edges are
+    all such is solved without iterating: after a step of a fit with a small
+    ``t``, all but a few dozen of hundreds. Given those, an edge that is not
+    fixed and shares no position with another such edge is a two-point
+    problem, :math:`z_e = \operatorname{clip}((Dr)_e / 2, -t, t)` with
+    :math:`r = x - D^\top z` over the fixed edges, also exact. Only the
+    entries with chains of unfixed edges run the iterations above (if they
+    are at most half of them, as a smaller problem of their own).
     """
     _check_input(x)
     t_, t_float = _scalar(t, "t", x)
@@ -954,6 +977,17 @@ def tv_prox(
         out[:-1] += zv
         return out
 
+    def degree(w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        # out = |D|^T w: per position, the sum of w over its edges
+        c = w.shape[1]
+        wh, wv = w[:n_h].view(lh, lw - 1, c), w[n_h:].view(lh - 1, lw, c)
+        out[:, 0] = 0
+        out[:, 1:] = wh
+        out[:, :-1] += wh
+        out[1:] += wv
+        out[:-1] += wv
+        return out
+
     def grad(r: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         # out = D r, unmasked: project_ zeroes the masked edges
         c = out.shape[1]
@@ -1004,13 +1038,49 @@ def tv_prox(
     z = z.zero_() if dual is None else z.copy_(dual)
     if kind == "group" and keep is not None and dual is not None:
         z.view(n_e, *view).mul_(keep)
+    ra = buffer("r", X.shape)
+    n_loop = int(n_iter)
+    if kind == "l1":
+        # Screening, exact: at the solution |u_p - x_p| <= 4 t (at most four edges, |z_e| <= t
+        # each), so an edge whose difference in x exceeds 8 t keeps its sign there and its dual
+        # is t sign((D x)_e). Columns made only of such edges (after a step of a fit, all but a
+        # few dozen of hundreds) need no iteration; the others, if few, are a smaller problem.
+        dx = grad(X, buffer("g", z.shape))
+        start = project_(torch.mul(dx, 0.125, out=new))  # t sign((D x)_e) where |(D x)_e| >= 8 t
+        gap = dx.abs_()
+        # (a margin of a few ulps for the round-off of D x; masked edges are sure, with dual 0)
+        gap.view(n_e, *view).sub_(hi * (8 * (1 + 8 * torch.finfo(x.dtype).eps)))
+        left = (gap.amin(0) < 0).nonzero().squeeze(1)
+        if n_rest - left.numel() >= max(n_rest // 2, 1):
+            if left.numel():
+                X_left = X.index_select(2, left)
+                scale_left = _max_abs(X_left)
+                _, start[:, left] = tv_prox(
+                    X_left.view(lh * lw, -1), t_, (lh, lw), kind, n_iter,
+                    stop / scale_left if scale_left else tol,
+                    None if m is None else _columns(m, left, rest).reshape(lh * lw, -1),
+                    dual=z.index_select(1, left), return_dual=True,
+                )
+            z, new, n_loop = start, z, 0
+        else:
+            # Most columns have unsure edges. Where those share no position, each is a two-point
+            # problem given the sure edges: its dual is clamp((D r)_e / 2, -t, t) exactly, with
+            # r = x - D^T z over the sure edges. The other columns start from the warm dual on
+            # their unsure edges (and the exact one on the sure edges).
+            unsure = gap < 0
+            start.masked_fill_(unsure, 0.0)
+            weight = unsure.to(x.dtype)
+            pairs = project_(grad(residual(start, X, ra), gap).mul_(0.5))
+            paired = degree(weight, ra).amax((0, 1)) <= 1
+            torch.where(unsure & ~paired, z, start.addcmul_(pairs, weight), out=start)
+            z, new, n_loop = start, z, 0 if bool(paired.all()) else n_loop
     # y is z itself while there is no momentum (at first, and after a restart)
-    y, ybuf, g, ra = z, None, buffer("g", z.shape), buffer("r", X.shape)
+    y, ybuf, g = z, None, buffer("g", z.shape)
     full = None  # the whole dual, once columns have been dropped from z
     cols = torch.arange(n_rest, device=x.device)  # the columns z holds
     Xa = X
     tau = 1.0
-    for it in range(int(n_iter)):
+    for it in range(n_loop):
         grad(residual(y, Xa, ra), g)
         project_(ascend(y, g, new))
         diff = torch.sub(new, z, out=z)  # z's buffer is free: new holds the next iterate
@@ -1040,9 +1110,7 @@ def tv_prox(
             z, diff, Xa = z.index_select(1, left), diff.index_select(1, left), Xa.index_select(2, left)
             new, g, ra = torch.empty_like(z), torch.empty_like(z), torch.empty_like(Xa)
             if edge_mask is not None:  # the bounds of the columns left
-                at = torch.unravel_index(cols, rest)  # (index 0 where the mask broadcasts)
-                at = [i if s > 1 else torch.zeros_like(i) for i, s in zip(at, m_rest, strict=True)]
-                hi = box[(slice(None), *at)]
+                hi = _columns(box, cols, rest)
                 lo = -hi
             view = (cols.numel(),)
         tau_next = (1 + math.sqrt(1 + 4 * tau * tau)) / 2

@@ -110,6 +110,25 @@ def test_tying_tv_prox_warm_starts_per_layer():
     assert len(pen._layer_state) == 1
 
 
+@pytest.mark.parametrize("pen_cls", [TyingL1Grid, TyingGroupGrid])
+def test_tying_tv_prox_in_the_parameter_matches_the_kernel_view(pen_cls):
+    """With one deviation scale c the TV prox runs on the raw parameter with the step t / c (TV is
+    1-homogeneous); per-offset scales take the (L, F, K) view. Both are the prox of the view."""
+    for uniform in (True, False):
+        layer = random_layer(4)
+        scales = layer.deviation_scale
+        scales.copy_(torch.full_like(scales, 0.25) if uniform else torch.linspace(0.5, 2.0, len(scales)))
+        absent = ~layer.mask.unsqueeze(1).expand_as(layer.deviation)
+        stored = layer.deviation[absent].clone()
+        d = layer.deviations().detach()
+        t = 0.5 * float(scales.max()) ** 2 / layer.n_positions
+        ref = tv_prox(d, t, layer.output_shape, kind=pen_cls.kind, mask=layer.mask.unsqueeze(1),
+                      n_iter=5000, tol=0.0)
+        pen_cls().prox(layer, 0.5)
+        torch.testing.assert_close(layer.deviations().detach(), ref, atol=1e-9, rtol=0)
+        assert torch.equal(layer.deviation[absent], stored)  # absent entries keep their values
+
+
 def test_tying_group_tv_cache_follows_dtype():
     pen = TyingGroupGrid()
     layer = random_layer(3)
@@ -118,8 +137,8 @@ def test_tying_group_tv_cache_follows_dtype():
     pen.prox(layer, 0.5)  # the float64 dual is not reused for a float32 layer
     state = pen._layer_state[layer]
     assert state["tv_dual"][1].dtype == torch.float32
-    assert state["tv_input"].dtype == torch.float32  # nor the scratch buffers
-    assert all(b.dtype == torch.float32 for b in state["tv_workspace"].values())
+    assert "tv_input" not in state  # one scale: solved in the parameter itself
+    assert all(b.dtype == torch.float32 for b in state["tv_workspace"].values())  # nor the scratch
 
 
 # ---------------------------------------------------------- nested / rings

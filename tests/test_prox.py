@@ -623,6 +623,41 @@ def test_tv_structure():
     assert torch.allclose(tv_prox(c, 0.5, (1, 6)), c, atol=1e-15, rtol=0)
 
 
+def test_tv_l1_screening_solves_columns_without_iterating():
+    """Anisotropic TV: an edge whose difference in x exceeds 8 t has the dual t sign(D x) at the
+    solution, exactly, and a column whose other edges share no position is solved in closed form,
+    so both are exact after one iteration; a chain of near ties still needs the solver's
+    iterations. Checked against the brute-force prox, in the narrow form (most columns have a
+    near tie) and in the wide one (most columns have none: the others are a smaller problem)."""
+    rng = np.random.default_rng(31)
+    lh, lw, t = 4, 5, 0.01
+    ramp = 0.1 * np.arange(lh * lw, dtype=float).reshape(lh, lw)  # steps of 0.1 and 0.5 >> 8 t
+    ramp += 0.005 * rng.standard_normal(ramp.shape)
+    isolated, chain = ramp.copy(), ramp.copy()
+    isolated[1, 2] = isolated[1, 1] - 0.005  # two near ties that share no position (and tie)
+    isolated[3, 4] = isolated[3, 3] - 0.004
+    chain[2, 2], chain[2, 3] = chain[2, 1] + 0.002, chain[2, 1] - 0.001  # two that share (2, 2)
+    pen = tv_penalty(lh, lw, 1, "l1")
+    for columns, closed in (([ramp, isolated, chain], [0, 1]), ([ramp] * 10 + [isolated, chain], range(11))):
+        x = np.stack([c.ravel() for c in columns], 1)
+        ref = np.stack([pen.solve(x[:, j], t) for j in range(x.shape[1])], 1)
+        one = tv_prox(_t(x), t, (lh, lw), n_iter=1).numpy()
+        assert np.allclose(one[:, closed], ref[:, closed], atol=1e-7, rtol=0)
+        assert np.abs(one[:, -1] - ref[:, -1]).max() > 1e-6  # the chain is not done in one iteration
+        assert np.allclose(tv_prox(_t(x), t, (lh, lw)).numpy(), ref, atol=1e-7, rtol=0)
+        tied = one[:, closed[-1]].reshape(lh, lw)
+        assert abs(tied[1, 1] - tied[1, 2]) <= 1e-15 and abs(tied[3, 3] - tied[3, 4]) <= 1e-15
+        # sure edges: the entries of the ramp move by t per edge, the sign of its differences
+        dual_h = t * np.sign(np.diff(ramp, axis=1))
+        dual_v = t * np.sign(np.diff(ramp, axis=0))
+        moved = np.zeros_like(ramp)
+        moved[:, 1:] -= dual_h
+        moved[:, :-1] += dual_h
+        moved[1:] -= dual_v
+        moved[:-1] += dual_v
+        assert np.allclose(one[:, 0], (ramp + moved).ravel(), atol=1e-15, rtol=0)
+
+
 # ---------------------------------------------------------------------------
 # transformed l1
 # ---------------------------------------------------------------------------
