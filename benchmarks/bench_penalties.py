@@ -15,7 +15,8 @@ it times what a step adds:
   epoch, not per step.
 
 Each cost is printed as a percentage of the step (target: <= 10% each) with the sum over
-all penalties. Times are the best of ``--repeats`` (more while under 0.2 s) after a first
+all penalties, and then the floor of the exact pairwise prox (tying l1/all): sorting its rows
+alone, as it sorts them. Times are the best of ``--repeats`` (more while under 0.2 s) after a first
 call, or that first call alone when it takes over 0.5 s (not for the step or a prox); the
 deviations are set to small random values first (a zero ``d`` makes some proxes trivial).
 
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 from softcnn import SoftConvClassifier
 from softcnn.network import SoftConvNet
 from softcnn.penalties import make_penalties, supported_penalties
+from softcnn.prox import _sort_rows
 
 #: the estimator parameters naming each strength's options (the registry's keys)
 OPTIONS = {
@@ -112,7 +114,7 @@ def run_support(support, X, y, gen, args, clock) -> dict:
     print(f"\nsupport={support} ({layer.formulation}, tile {layer.tile_shape[0]}x{layer.tile_shape[1]}): "
           f"training step {t_step * 1e3:.2f} ms")
     print(f"  {'penalty':<20} {'kind':<10} {'per step':>9} {'% step':>7} | {'value':>9} {'% step':>7}")
-    total, shares = 0.0, {}
+    total, shares, workspace = 0.0, {}, {}
     for name, pen in every_penalty():
         kind, t, value = penalty_cost(pen, net, params, restore, step, args, clock)
         total += t
@@ -121,6 +123,12 @@ def run_support(support, X, y, gen, args, clock) -> dict:
         flag = "" if t / t_step <= 0.10 else "  > 10%"
         print(f"  {name:<20} {kind:<10} {t * 1e3:9.2f} {100 * t / t_step:6.1f}% | {v}{flag}")
     print(f"  {'all penalties':<20} {'':<10} {total * 1e3:9.2f} {100 * total / t_step:6.1f}%")
+    # the floor of an exact pairwise prox: sorting its rows (one per kernel entry, positions along
+    # them) with the packed keys it uses, on this layer's kernel view
+    rows = layer.unmasked_kernels().detach().movedim(0, -1).reshape(-1, layer.n_positions).contiguous()
+    t_sort = best_time(lambda: _sort_rows(rows, workspace=workspace), args.repeats, clock)
+    print(f"  (sorting the {rows.shape[0]} rows of {rows.shape[1]} positions that tying l1/all sorts: "
+          f"{t_sort * 1e3:.2f} ms, {100 * t_sort / t_step:.1f}% of the step)")
     return shares
 
 
