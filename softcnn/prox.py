@@ -774,11 +774,6 @@ def _columns(t: torch.Tensor, cols: torch.Tensor, rest: tuple[int, ...]) -> torc
     return t[(..., *at)]
 
 
-def _masked_inf(mask: torch.Tensor) -> torch.Tensor:
-    """0 where ``mask`` holds, +inf elsewhere (adding it takes the masked entries out of a minimum)."""
-    return torch.where(mask, 0.0, float("inf"))
-
-
 # Anisotropic TV drops converged columns from its iterations once at least this many (and at
 # least half) have converged: copying the others out costs about as much as a few iterations of
 # this many columns.
