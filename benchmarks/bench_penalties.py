@@ -114,7 +114,7 @@ def run_support(support, X, y, gen, args, clock) -> dict:
     print(f"\nsupport={support} ({layer.formulation}, tile {layer.tile_shape[0]}x{layer.tile_shape[1]}): "
           f"training step {t_step * 1e3:.2f} ms")
     print(f"  {'penalty':<20} {'kind':<10} {'per step':>9} {'% step':>7} | {'value':>9} {'% step':>7}")
-    total, shares, workspace = 0.0, {}, {}
+    total, shares = 0.0, {}
     for name, pen in every_penalty():
         kind, t, value = penalty_cost(pen, net, params, restore, step, args, clock)
         total += t
@@ -126,6 +126,7 @@ def run_support(support, X, y, gen, args, clock) -> dict:
     # the floor of an exact pairwise prox: sorting its rows (one per kernel entry, positions along
     # them) with the packed keys it uses, on this layer's kernel view
     rows = layer.unmasked_kernels().detach().movedim(0, -1).reshape(-1, layer.n_positions).contiguous()
+    workspace = {}  # kept between the timed sorts, as the prox keeps its own
     t_sort = best_time(lambda: _sort_rows(rows, workspace=workspace), args.repeats, clock)
     print(f"  (sorting the {rows.shape[0]} rows of {rows.shape[1]} positions that tying l1/all sorts: "
           f"{t_sort * 1e3:.2f} ms, {100 * t_sort / t_step:.1f}% of the step)")
