@@ -40,6 +40,7 @@ _SOLVERS = ("auto", "lbfgs", "fista", "adam", "sgd")
 #: solvers that see the whole (merged) data set at every step
 _FULL_BATCH = ("lbfgs", "fista")
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_MIXED_PRECISIONS = {"bfloat16": torch.bfloat16}
 #: 'auto' solver: full-batch L-BFGS in float64 up to this many samples, Adam above.
 LBFGS_MAX_SAMPLES = 5000
 _PREDICT_BATCH = 4096
@@ -154,6 +155,7 @@ class BaseSoftConv(BaseEstimator, metaclass=ABCMeta):
         image_shape="auto",
         device="auto",
         dtype="auto",
+        mixed_precision=None,
         random_state=None,
         n_init=1,
         verbose=0,
@@ -193,6 +195,7 @@ class BaseSoftConv(BaseEstimator, metaclass=ABCMeta):
         self.image_shape = image_shape
         self.device = device
         self.dtype = dtype
+        self.mixed_precision = mixed_precision
         self.random_state = random_state
         self.n_init = n_init
         self.verbose = verbose
@@ -260,7 +263,34 @@ class BaseSoftConv(BaseEstimator, metaclass=ABCMeta):
             raise ValueError(f"dtype must be 'auto', 'float32' or 'float64'; got {self.dtype!r}.")
         check_scalar(self.verbose, "verbose", numbers.Integral, min_val=0)
         p["device"] = resolve_device(self.device)
+        p["autocast"] = self._check_mixed_precision(p["device"])
         return p
+
+    def _check_mixed_precision(self, device: torch.device) -> torch.dtype | None:
+        """The dtype the training forward is autocast to (None: none), checked against the other parameters."""
+        if self.mixed_precision is None:
+            return None
+        if not (isinstance(self.mixed_precision, str) and self.mixed_precision in _MIXED_PRECISIONS):
+            raise ValueError(f"mixed_precision must be None or 'bfloat16'; got {self.mixed_precision!r}.")
+        if self.solver in _FULL_BATCH:
+            raise ValueError(
+                f"mixed_precision={self.mixed_precision!r} needs a mini-batch solver, but solver={self.solver!r}: "
+                "its line search or backtracking compares exact objective values. Use solver='adam', 'sgd' "
+                "or 'auto' (Adam with mixed precision), or mixed_precision=None."
+            )
+        if self.dtype == "float64":
+            raise ValueError(
+                f"mixed_precision={self.mixed_precision!r} keeps float32 parameters; dtype='float64' contradicts "
+                "it. Use dtype='auto' or 'float32', or mixed_precision=None."
+            )
+        supported = torch.amp.is_autocast_available(device.type) and (
+            device.type != "cuda" or torch.cuda.is_bf16_supported())
+        if not supported:
+            raise ValueError(
+                f"mixed_precision={self.mixed_precision!r} is not supported on device {str(device)!r} (no "
+                "bfloat16 autocast); use mixed_precision=None or another device."
+            )
+        return _MIXED_PRECISIONS[self.mixed_precision]
 
     def _resolve_solver(self, n_samples: int, *, incremental: bool, nonsmooth: bool = False) -> str:
         if incremental:
@@ -272,7 +302,7 @@ class BaseSoftConv(BaseEstimator, metaclass=ABCMeta):
             return "adam" if self.solver == "auto" else self.solver
         if self.solver != "auto":
             return self.solver
-        if n_samples > LBFGS_MAX_SAMPLES:
+        if n_samples > LBFGS_MAX_SAMPLES or self.mixed_precision is not None:
             return "adam"
         return "fista" if nonsmooth else "lbfgs"
 
@@ -409,6 +439,7 @@ class BaseSoftConv(BaseEstimator, metaclass=ABCMeta):
             self._target_tensor(y, dtype, device),
             torch.as_tensor(sw, dtype=dtype, device=device),
             p["penalties"],
+            autocast=p["autocast"],
         )
         return _FitProblem(
             objective=objective, solver=solver, incremental=incremental, reuse=reuse, hooks=hooks,
@@ -704,6 +735,16 @@ _PARAMS_DOC = r"""
         ``'auto'``, ``'cpu'``, ``'cuda'``, ``'cuda:N'`` or ``'mps'``.
     dtype : {'auto', 'float32', 'float64'}, default='auto'
         ``'auto'``: float64 with L-BFGS, float32 with Adam/SGD.
+    mixed_precision : {None, 'bfloat16'}, default=None
+        ``'bfloat16'``: the training forward runs under :func:`torch.autocast`
+        in bfloat16 (its matrix products, and so their gradients, in
+        bfloat16; the loss, the penalties, their proxes, the optimizer and
+        the float32 parameters as without it). Mini-batch solvers only: ``solver='auto'``
+        then means Adam. Validation losses and predictions are computed in
+        float32. Opt-in: on a CPU with bfloat16 instructions it measured
+        ~20% faster fits at equal test accuracy (``benchmarks/bench_precision.py``);
+        elsewhere it can be slower. float16 is not offered: on CPU it
+        measured 3x slower, and it needs loss scaling.
     random_state : int, RandomState instance or None, default=None
         Seeds the initial weights, batches and validation split; a fixed
         value makes CPU fits repeatable bit for bit.

@@ -703,9 +703,9 @@ class SoftConv2d(nn.Module):
         if self._compact:
             self.deviation.copy_(self.as_deviation_storage(raw))
             return
-        # a 0/1 selection in two in-place passes: faster than boolean indexing or full-size temporaries
-        exists = self.mask.unsqueeze(1).to(raw.dtype)
-        self.deviation.mul_(1 - exists).addcmul_(raw, exists)
+        # a 0/1 selection in one in-place pass: lerp by 0 or 1 returns an end exactly (faster than
+        # boolean indexing, full-size temporaries, or a multiply-add pair)
+        self.deviation.lerp_(raw, self.stored_exists())
 
     def as_deviation_storage(self, values: torch.Tensor) -> torch.Tensor:
         """``values`` of shape ``(K,)``, ``(F or 1, K)`` or ``(L or 1, F or 1, K)``, in the layout of ``deviation``.

@@ -1136,8 +1136,8 @@ def tv_prox(
 # ---------------------------------------------------------------------------
 
 
-# Taylor coefficients of P(q) = 9 sin^2(asin(sqrt q) / 3) / q, for small steps (see tl1_prox)
-_TL1_SERIES = (1.0, 8 / 27, 112 / 729, 640 / 6561, 36608 / 531441)
+# Taylor coefficients of P in p = c / s^3 (see tl1_prox), binomial(3k + 1, k) / (k + 1), for small steps
+_TL1_SERIES = (1.0, 2.0, 7.0, 30.0, 143.0)
 
 
 def tl1_prox(
@@ -1192,11 +1192,12 @@ def tl1_prox(
     cancellation as
 
     .. math:: |u| = |x| - \\tfrac43 s \\sin^2 \\tfrac{\\varphi}{6}
-              = |x| - \\frac{t a (a+1)}{s^2} P(q), \\qquad
-              P(q) = 1 + \\tfrac{8}{27} q + \\tfrac{112}{729} q^2 + \\dots
+              = |x| - \\frac{t a (a+1)}{s^2} P(p), \\qquad
+              P(p) = \\sum_k \\tfrac{1}{k+1} \\tbinom{3k+1}{k} p^k
+              = 1 + 2p + 7p^2 + 30p^3 + \\dots
 
-    (the second form is the stationarity condition :math:`u = x - t
-    \\rho_a'(u)`). When :math:`q \\le 27 t (a+1) / (4 a^2)` is small enough
+    with :math:`p = t a (a+1) / s^3 = 4q/27` (the second form is the stationarity condition
+    :math:`u = x - t \\rho_a'(u)`). When :math:`p \\le t (a+1) / a^2` is small enough
     that a few terms of :math:`P` are exact to the dtype's precision (the
     small steps of a proximal-gradient fit), the polynomial is used: no
     transcendental functions. At :math:`|x| = \\tau` in the second case both
@@ -1214,9 +1215,9 @@ def tl1_prox(
     else:
         thr = torch.sqrt(2 * t_ * (a_ + 1)) - a_ / 2
     c = t_float * a_float * (a_float + 1)
-    # terms of P needed for the dtype's precision at the largest q (s = a); none: the closed form
-    q_max, eps = 27 * c / (4 * a_float**3), torch.finfo(x.dtype).eps
-    n_terms = next((k for k in range(1, len(_TL1_SERIES)) if _TL1_SERIES[k] * q_max**k <= eps / 8), None)
+    # terms of P needed for the dtype's precision at the largest p (s = a); none: the closed form
+    p_max, eps = c / a_float**3, torch.finfo(x.dtype).eps
+    n_terms = next((k for k in range(1, len(_TL1_SERIES)) if _TL1_SERIES[k] * p_max**k <= eps / 8), None)
     res = torch.empty_like(x) if out is None else out
     if x.numel() > _CHUNK and x.is_contiguous() and res.is_contiguous():  # by chunks that stay in cache
         for part, part_out in zip(x.view(-1).split(_CHUNK), res.view(-1).split(_CHUNK)):
@@ -1249,12 +1250,12 @@ def _tl1_magnitudes(x, thr, a_float, c, n_terms, out, workspace, size):
         corr.sqrt_().asin_().div_(3).sin_().square_().div_(r).mul_(4 / 3)  # (4/3) s sin^2(phi / 6)
     else:
         torch.addcmul(zero, r, r, value=c, out=corr)  # c / s^2, in one pass
-        if n_terms > 1:  # corr *= P(q), by Horner (in place on q when it is not needed twice)
-            q = r.mul_(corr).mul_(27 / 4)
-            poly = torch.mul(q, _TL1_SERIES[n_terms - 1], out=buffer("poly")) if n_terms > 2 else q.mul_(_TL1_SERIES[1])
+        if n_terms > 1:  # corr += corr (P(p) - 1), P - 1 by Horner (in place on p for one term)
+            p = r.mul_(corr)
+            tail = torch.mul(p, _TL1_SERIES[n_terms - 1], out=buffer("poly")) if n_terms > 2 else p
             for k in range(n_terms - 2, 0, -1):
-                poly.add_(_TL1_SERIES[k]).mul_(q)
-            corr.mul_(poly.add_(1.0))
+                tail.add_(_TL1_SERIES[k]).mul_(p)
+            corr.addcmul_(corr, tail, value=_TL1_SERIES[1] if n_terms == 2 else 1.0)
     mag.sub_(corr)
     # 0 + |u| * (+-1 or +-0): the sign of x, and exact +0 below the threshold
     return torch.addcmul(zero, mag, keep.copysign_(x), out=out)

@@ -42,10 +42,14 @@ class Objective:
         ``loss(outputs, targets, reduction='none'|'mean')``: per-sample losses or their mean.
     X, y, sample_weight : Tensor
     penalties : list of (float, Penalty)
+    autocast : torch.dtype, optional
+        Run the network's forward under :func:`torch.autocast` to this dtype (mixed precision);
+        the loss is computed in the dtype of ``X``.
     """
 
-    def __init__(self, net, loss, X, y, sample_weight, penalties):
+    def __init__(self, net, loss, X, y, sample_weight, penalties, autocast=None):
         self.net, self.loss, self.X, self.y, self.sw = net, loss, X, y, sample_weight
+        self.autocast = autocast
         self.penalties = penalties
         # autograd handles the smooth penalties; the others enter through their prox
         self.smooth_penalties = [(s, pen) for s, pen in penalties if pen.smooth]
@@ -62,11 +66,18 @@ class Objective:
     def n_samples(self) -> int:
         return self.X.shape[0]
 
+    def outputs(self, X: torch.Tensor) -> torch.Tensor:
+        """The network's outputs on ``X``, in the dtype of ``X`` (computed under autocast if set)."""
+        if self.autocast is None:
+            return self.net(X)
+        with torch.autocast(X.device.type, dtype=self.autocast):
+            return self.net(X).to(X.dtype)
+
     def data_loss(self, idx: torch.Tensor | None = None) -> torch.Tensor:
         X, y = (self.X, self.y) if idx is None else (self.X[idx], self.y[idx])
         if self.uniform:
-            return self.loss(self.net(X), y, reduction="mean")
-        losses = self.loss(self.net(X), y)
+            return self.loss(self.outputs(X), y, reduction="mean")
+        losses = self.loss(self.outputs(X), y)
         sw = self.sw if idx is None else self.sw[idx]
         return (sw * losses).sum() / (sw.shape[0] * self.sw_mean)
 

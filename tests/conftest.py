@@ -1,6 +1,12 @@
 """Fixtures shared by several test modules."""
 
-import pytest
+import os
+
+# sklearn's check_array_api_input skips itself unless SciPy's array API support is on (read
+# when SciPy is first imported, so before sklearn): with it the check runs, and passes.
+os.environ.setdefault("SCIPY_ARRAY_API", "1")
+
+import pytest  # noqa: E402
 from sklearn.datasets import load_digits
 
 from softcnn import SoftConvClassifier
