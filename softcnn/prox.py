@@ -1237,7 +1237,9 @@ def _tl1_magnitudes(x, thr, a_float, c, n_terms, out, workspace, size):
     ``workspace`` (the chunk size: every chunk uses the same ones)."""
     # in place on four buffers (temporaries cost more than the arithmetic), with no boolean
     # masks (slow on CPU): keep is 1 where |x| > thr, else 0, the comparison written as numbers
-    def buffer(name):
+    def buffer(name):  # (a fresh one without a workspace: slicing and viewing cost more than it)
+        if workspace is None:
+            return torch.empty_like(x, memory_format=torch.contiguous_format)
         return _scratch(workspace, name, (size,), x)[: x.numel()].view(x.shape)
 
     mag = torch.abs(x, out=buffer("mag"))
