@@ -1255,12 +1255,15 @@ def _tl1_magnitudes(x, thr, a_float, c, n_terms, out, workspace, size):
         corr.sqrt_().asin_().div_(3).sin_().square_().div_(r).mul_(4 / 3)  # (4/3) s sin^2(phi / 6)
     else:
         torch.addcmul(zero, r, r, value=c, out=corr)  # c / s^2, in one pass
-        if n_terms > 1:  # corr += corr (P(p) - 1), P - 1 by Horner (in place on p for one term)
-            p = r.mul_(corr)
-            tail = torch.mul(p, _TL1_SERIES[n_terms - 1], out=buffer("poly")) if n_terms > 2 else p
-            for k in range(n_terms - 2, 0, -1):
-                tail.add_(_TL1_SERIES[k]).mul_(p)
-            corr.addcmul_(corr, tail, value=_TL1_SERIES[1] if n_terms == 2 else 1.0)
+        if n_terms > 1:  # corr *= P(p) as corr += corr (P(p) - 1), one multiply-add
+            p = r.mul_(corr)  # c / s^3
+            if n_terms == 2:
+                corr.addcmul_(corr, p, value=_TL1_SERIES[1])
+            else:  # P(p) - 1 by Horner
+                tail = torch.mul(p, _TL1_SERIES[n_terms - 1], out=buffer("poly"))
+                for k in range(n_terms - 2, 0, -1):
+                    tail.add_(_TL1_SERIES[k]).mul_(p)
+                corr.addcmul_(corr, tail)
     mag.sub_(corr)
     # 0 + |u| * (+-1 or +-0): the sign of x, and exact +0 below the threshold
     return torch.addcmul(zero, mag, keep.copysign_(x), out=out)
