@@ -62,6 +62,10 @@ def test_bfloat16_fits_with_adam_keeps_float32_and_predicts_in_float32(digits):
     with torch.no_grad():
         ref = torch.softmax(clf.network_(torch.as_tensor(X_test[:20, None], dtype=torch.float32)), 1).numpy()
     np.testing.assert_allclose(proba, ref, rtol=1e-6, atol=1e-7)
+    # a fixed random_state repeats the fit bit for bit on a CPU, mixed precision included
+    again = quiet_fit(SoftConvClassifier(channels=2, max_iter=3, random_state=0, mixed_precision="bfloat16"),
+                      X_train[:300], y_train[:300])
+    np.testing.assert_array_equal(again.predict_proba(X_test[:20]), proba)
     # partial_fit continues in mixed precision
     clf.partial_fit(X_train[300:400], y_train[300:400])
     assert clf.n_iter_ == 4
