@@ -32,6 +32,7 @@ import bench_layer
 from softcnn import SoftConvClassifier
 from softcnn.datasets import load_mnist
 from softcnn.network import SoftConvNet
+from softcnn.solvers import Objective
 
 SUPPORTS = (5, 9, "full")
 FIT_SUPPORTS = (5, 9)
@@ -39,14 +40,14 @@ AUTOCASTS = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def training_step(net, X, y, autocast=None):
-    """One Adam step on ``(X, y)``, its forward under ``torch.autocast`` to ``autocast`` if given."""
+    """One Adam step on ``(X, y)`` through the estimators' :class:`~softcnn.solvers.Objective`
+    (its forward under ``torch.autocast`` to ``autocast`` if given)."""
+    objective = Objective(net, F.cross_entropy, X, y, torch.ones(len(y), device=X.device), [], autocast=autocast)
     opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-3)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(X.device.type, dtype=autocast, enabled=autocast is not None):
-            out = net(X)
-        F.cross_entropy(out.float(), y).backward()
+        objective().backward()
         opt.step()
 
     return step

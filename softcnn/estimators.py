@@ -742,7 +742,8 @@ _PARAMS_DOC = r"""
         the float32 parameters as without it). Mini-batch solvers only: ``solver='auto'``
         then means Adam. Validation losses and predictions are computed in
         float32. Opt-in: on a CPU with bfloat16 instructions it measured
-        ~20% faster fits at equal test accuracy (``benchmarks/bench_precision.py``);
+        ~20% faster fits with windowed supports at equal test accuracy, no
+        reliable gain with ``support='full'`` (``benchmarks/bench_precision.py``);
         elsewhere it can be slower. float16 is not offered: on CPU it
         measured 3x slower, and it needs loss scaling.
     random_state : int, RandomState instance or None, default=None
