@@ -7,9 +7,17 @@ import os
 os.environ.setdefault("SCIPY_ARRAY_API", "1")
 
 import pytest  # noqa: E402
-from sklearn.datasets import load_digits
+from backends import BACKENDS, backend  # noqa: E402
+from sklearn.datasets import load_digits  # noqa: E402
 
-from softcnn import SoftConvClassifier
+from softcnn import SoftConvClassifier  # noqa: E402
+
+
+@pytest.fixture(params=BACKENDS)
+def kernel_backend(request):
+    """Runs the test on the compiled CPU kernels and on the torch code."""
+    with backend(request.param):
+        yield request.param
 
 
 @pytest.fixture(scope="session")

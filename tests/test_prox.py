@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from backends import BACKENDS, backend
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.optimize import minimize
@@ -542,14 +543,16 @@ def test_pairwise_bigger_input_quick():
     t=st.sampled_from([0.05, 0.3, 1.0]),
     masked=st.booleans(),
 )
-def test_tv_l1_brute_force(seed, shape, r, t, masked):
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_tv_l1_brute_force(impl, seed, shape, r, t, masked):
     rng = np.random.default_rng(seed)
     lh, lw = shape
     x = rng.standard_normal((lh * lw, r))
     mask = rng.random((lh * lw, r)) < 0.75 if masked else None
     pen = tv_penalty(lh, lw, r, "l1", mask)
-    u = tv_prox(_t(x), t, shape, kind="l1", n_iter=3000, tol=0.0,
-                mask=None if mask is None else torch.as_tensor(mask)).numpy()
+    with backend(impl):
+        u = tv_prox(_t(x), t, shape, kind="l1", n_iter=3000, tol=0.0,
+                    mask=None if mask is None else torch.as_tensor(mask)).numpy()
     ref = pen.solve(x, t)
     assert pen.objective(u, x, t) <= pen.objective(ref, x, t) + 1e-9
     assert np.allclose(u.ravel(), ref, atol=1e-5)
@@ -568,14 +571,16 @@ def test_tv_l1_brute_force(seed, shape, r, t, masked):
     t=st.sampled_from([0.05, 0.3, 1.0]),
     masked=st.booleans(),
 )
-def test_tv_group_brute_force(seed, shape, r, t, masked):
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_tv_group_brute_force(impl, seed, shape, r, t, masked):
     rng = np.random.default_rng(seed)
     lh, lw = shape
     x = rng.standard_normal((lh * lw, r))
     mask = rng.random((lh * lw, r)) < 0.8 if masked else None
     pen = tv_penalty(lh, lw, r, "group", mask)
-    u = tv_prox(_t(x), t, shape, kind="group", n_iter=3000, tol=0.0,
-                mask=None if mask is None else torch.as_tensor(mask)).numpy()
+    with backend(impl):
+        u = tv_prox(_t(x), t, shape, kind="group", n_iter=3000, tol=0.0,
+                    mask=None if mask is None else torch.as_tensor(mask)).numpy()
     ref = pen.solve(x, t)
     assert pen.objective(u, x, t) <= pen.objective(ref, x, t) + 1e-8
     assert np.allclose(u.ravel(), ref, atol=1e-4)
@@ -588,7 +593,7 @@ def test_tv_group_brute_force(seed, shape, r, t, masked):
 
 @pytest.mark.parametrize("kind", ["l1", "group"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_tv_large_t_is_constant(kind, dtype):
+def test_tv_large_t_is_constant(kind, dtype, kernel_backend):
     x = torch.randn(4 * 5, 2, 3, dtype=dtype, generator=torch.Generator().manual_seed(7))
     u = tv_prox(x, 1e4, (4, 5), kind=kind)
     assert u.shape == x.shape and u.dtype == dtype
@@ -596,7 +601,7 @@ def test_tv_large_t_is_constant(kind, dtype):
     assert torch.allclose(u, x.mean(0, keepdim=True).expand_as(x), atol=tol, rtol=0)
 
 
-def test_tv_structure():
+def test_tv_structure(kernel_backend):
     g = torch.Generator().manual_seed(8)
     x = torch.randn(12, 4, dtype=torch.float64, generator=g)
     # l1 TV is separable over the rest entries: batched == per-column
@@ -623,7 +628,7 @@ def test_tv_structure():
     assert torch.allclose(tv_prox(c, 0.5, (1, 6)), c, atol=1e-15, rtol=0)
 
 
-def test_tv_l1_screening_solves_columns_without_iterating():
+def test_tv_l1_screening_solves_columns_without_iterating(kernel_backend):
     """Anisotropic TV: an edge whose difference in x exceeds 8 t has the dual t sign(D x) at the
     solution, exactly, and a column whose other edges share no position is solved in closed form,
     so both are exact after one iteration; a chain of near ties still needs the solver's

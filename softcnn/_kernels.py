@@ -1,0 +1,257 @@
+"""Fused CPU kernels (numba) for the proximal operators whose eager torch form is memory bound.
+
+An eager torch prox runs one pass over its operands per operation: a dozen passes for one TV
+dual iteration, ten for the transformed-l1 series. On CPU each pass costs more than its
+arithmetic, so the CPU path of these operators is one compiled loop per stage here, on NumPy
+views of the tensors' memory (no copy). Other devices keep the torch code in
+:mod:`softcnn.prox`, which these kernels must agree with (tested).
+
+Compiled on first use and cached on disk (``cache=True``), by dtype, not by shape.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+import torch
+
+_JIT = dict(nogil=True, cache=False)
+
+
+# False sends every input to the torch code (the tests compare the two)
+ENABLED = True
+
+
+def runs_on(x: torch.Tensor) -> bool:
+    """Whether the compiled kernels take ``x``: a plain float32/float64 CPU tensor (not one of
+    ``torch.func``'s wrappers, whose memory NumPy cannot see)."""
+    return (
+        ENABLED
+        and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+    )
+
+
+def array(x: torch.Tensor) -> np.ndarray:
+    """The NumPy view of ``x``'s memory (no copy)."""
+    return x.detach().numpy()
+
+
+def repeating_rows(bound: torch.Tensor, rest: tuple[int, ...], n_rows: int) -> torch.Tensor:
+    """``bound`` (a 0-d tensor, or ``(n_rows, *r)`` with ``r`` broadcastable to ``rest``) as the
+    ``(n_rows or 1, Rm)`` array the kernels read, ``Rm`` dividing ``prod(rest)``: column ``j`` of
+    a row reads entry ``j % Rm``. Expanded only when ``r`` varies along a leading dimension."""
+    if bound.ndim == 0:
+        return bound.reshape(1, 1)
+    r = tuple(bound.shape[1:])
+    r = (1,) * (len(rest) - len(r)) + r
+    lead = 0
+    while lead < len(rest) and r[lead] == 1:
+        lead += 1
+    if r[lead:] != tuple(rest[lead:]):
+        return bound.reshape(n_rows, *r).expand(n_rows, *rest).reshape(n_rows, -1)
+    return bound.reshape(n_rows, -1).contiguous()
+
+
+@numba.njit(**_JIT)
+def _edge_ends(e, lh, lw):
+    """The two positions ``(p, q)`` of edge ``e``: horizontal edges first, then vertical, each
+    row-major; ``(D x)_e = x_q - x_p``."""
+    n_h = lh * (lw - 1)
+    if e < n_h:
+        p = (e // (lw - 1)) * lw + e % (lw - 1)
+        return p, p + 1
+    p = e - n_h
+    return p, p + lw
+
+
+@numba.njit(**_JIT)
+def _residual(X, z, lh, lw, u):
+    """``u = X - D^T z`` over all columns, one position row at a time (``u`` may be ``X``)."""
+    n_h = lh * (lw - 1)
+    R = X.shape[1]
+    for i in range(lh):
+        for c in range(lw):
+            p = i * lw + c
+            for j in range(R):
+                v = X[p, j]
+                if c < lw - 1:
+                    v += z[i * (lw - 1) + c, j]
+                if c > 0:
+                    v -= z[i * (lw - 1) + c - 1, j]
+                if i < lh - 1:
+                    v += z[n_h + p, j]
+                if i > 0:
+                    v -= z[n_h + p - lw, j]
+                u[p, j] = v
+
+
+@numba.njit(**_JIT)
+def _screen_l1(X, box, lh, lw, margin, z, unsure_cols):
+    """Every edge's dual set to ``box sign((D x)_e)`` (exact where ``|(D x)_e| > margin box``);
+    ``unsure_cols[j]`` set where a column has an edge that is not. ``box`` is ``(E or 1, Rm)``
+    with ``Rm`` dividing the column count (its values repeat along the columns)."""
+    R = X.shape[1]
+    n_e = lh * (lw - 1) + (lh - 1) * lw
+    Rm = box.shape[1]
+    for e in range(n_e):
+        p, q = _edge_ends(e, lh, lw)
+        be = e if box.shape[0] > 1 else 0
+        for a in range(R // Rm):
+            for k in range(Rm):
+                j = a * Rm + k
+                b = box[be, k]
+                d = X[q, j] - X[p, j]
+                z[e, j] = math.copysign(b, d)
+                if abs(d) <= margin * b and b > 0:
+                    unsure_cols[j] = True
+
+
+@numba.njit(**_JIT)
+def _gather_columns(A, cols, n_rows, out):
+    """``out[i, p] = A[p, cols[i] % Rm]`` for ``p < n_rows`` (row 0 of ``A`` if it has one row):
+    the columns as contiguous rows, read row by row."""
+    at = cols % A.shape[1]
+    for p in range(n_rows):
+        pa = p if A.shape[0] > 1 else 0
+        for i in range(cols.shape[0]):
+            out[i, p] = A[pa, at[i]]
+
+
+@numba.njit(**_JIT)
+def _sort_edge_l1(x, bound, margin, e, p, q, r, deg, edges, ends, n_u):
+    """One edge of a column in :func:`_solve_column_l1`: a sure edge is folded into the residual
+    ``r``, an unsure one appended to ``edges``/``ends``; returns the unsure count."""
+    b = bound[e]
+    d = x[q] - x[p]
+    if b > 0 and abs(d) <= margin * b:
+        edges[n_u] = e
+        ends[n_u, 0] = p
+        ends[n_u, 1] = q
+        deg[p] += 1
+        deg[q] += 1
+        return n_u + 1
+    v = math.copysign(b, d)
+    r[p] += v
+    r[q] -= v
+    return n_u
+
+
+@numba.njit(**_JIT)
+def _unsure_residual(r, zu, ends, n_u, out):
+    """``out = r - D_U^T zu`` at the ends of the unsure edges (the only entries read)."""
+    for i in range(n_u):
+        out[ends[i, 0]] = r[ends[i, 0]]
+        out[ends[i, 1]] = r[ends[i, 1]]
+    for i in range(n_u):
+        out[ends[i, 0]] += zu[i]
+        out[ends[i, 1]] -= zu[i]
+
+
+@numba.njit(**_JIT)
+def _solve_column_l1(x, bound, lh, lw, margin, warm, j, has_warm, stop, n_iter, r, rr, deg, edges,
+                     ends, zu, yu, new):
+    """Anisotropic TV of one column ``x`` (``bound`` its box per edge) given its sure edges:
+    FISTA on the unsure edges alone, with the sure ones (dual ``bound sign((D x)_e)``) folded into
+    the residual; the closed form when no two unsure edges share a position. The unsure edges
+    and their duals come back in ``edges[:n]`` and ``zu[:n]``; returns ``n`` and the iterations
+    run."""
+    n_h = lh * (lw - 1)
+    for p in range(lh * lw):
+        r[p] = x[p]
+        deg[p] = 0
+    n_u = 0
+    for i in range(lh):
+        for c in range(lw - 1):
+            p = i * lw + c
+            n_u = _sort_edge_l1(x, bound, margin, i * (lw - 1) + c, p, p + 1, r, deg, edges, ends, n_u)
+    for p in range(n_h, n_h + (lh - 1) * lw):
+        n_u = _sort_edge_l1(x, bound, margin, p, p - n_h, p - n_h + lw, r, deg, edges, ends, n_u)
+    lip = 0
+    for i in range(n_u):
+        zu[i] = 0.0
+        if has_warm:
+            zu[i] = min(max(warm[edges[i], j], -bound[edges[i]]), bound[edges[i]])
+        lip = max(lip, deg[ends[i, 0]] + deg[ends[i, 1]])
+    if lip <= 2:  # two-point problems: exact in one step
+        for i in range(n_u):
+            b = bound[edges[i]]
+            zu[i] = min(max((r[ends[i, 1]] - r[ends[i, 0]]) / 2, -b), b)
+        return n_u, 1
+    step = 1.0 / lip  # ||D_U||^2 <= max over edges of deg(p) + deg(q)
+    for i in range(n_u):
+        yu[i] = zu[i]
+    tau = 1.0
+    n_run = 0
+    for it in range(n_iter):
+        n_run = it + 1
+        _unsure_residual(r, yu, ends, n_u, rr)
+        mom = 0.0
+        for i in range(n_u):
+            b = bound[edges[i]]
+            v = min(max(yu[i] + step * (rr[ends[i, 1]] - rr[ends[i, 0]]), -b), b)
+            new[i] = v
+            mom += (yu[i] - v) * (v - zu[i])
+        # duality gap at the new iterate, sum of b |(D u)_e| - z_e (D u)_e over the unsure edges
+        # (0 on the sure ones, whose sign cannot change): ||u - u*||^2 <= 2 gap
+        _unsure_residual(r, new, ends, n_u, rr)
+        gap = 0.0
+        for i in range(n_u):
+            g = rr[ends[i, 1]] - rr[ends[i, 0]]
+            gap += bound[edges[i]] * abs(g) - new[i] * g
+        if gap <= 0.5 * stop * stop:
+            for i in range(n_u):
+                zu[i] = new[i]
+            break
+        if mom > 0:  # the step goes against the gradient mapping: restart the momentum
+            tau = 1.0
+            for i in range(n_u):
+                zu[i] = new[i]
+                yu[i] = new[i]
+        else:
+            tau_next = (1 + math.sqrt(1 + 4 * tau * tau)) / 2
+            beta = (tau - 1) / tau_next
+            tau = tau_next
+            for i in range(n_u):
+                yu[i] = new[i] + beta * (new[i] - zu[i])
+                zu[i] = new[i]
+    return n_u, n_run
+
+
+@numba.njit(**_JIT)
+def tv_l1(X, box, lh, lw, margin, warm, has_warm, stop, n_iter, z, u):
+    """Anisotropic TV prox of every column of ``X`` (``(L, R)``, positions first): the dual into
+    ``z`` (``(E, R)``), ``u = X - D^T z`` into ``u`` (may be ``X``). Screening fixes the edges
+    with ``|(D x)_e| > margin box``; each column with others is solved on those alone. Returns
+    the largest number of iterations a column ran."""
+    L, R = X.shape
+    n_e = z.shape[0]
+    unsure_cols = np.zeros(R, dtype=np.bool_)
+    _screen_l1(X, box, lh, lw, margin, z, unsure_cols)
+    cols = np.nonzero(unsure_cols)[0]
+    xs = np.empty((cols.shape[0], L), X.dtype)
+    bounds = np.empty((cols.shape[0], n_e), X.dtype)
+    _gather_columns(X, cols, L, xs)
+    _gather_columns(box, cols, n_e, bounds)
+    # the small problems in float64, so that their duality gap can meet the tolerance in float32
+    r = np.empty(L, np.float64)
+    rr = np.empty(L, np.float64)
+    deg = np.empty(L, np.int64)
+    edges = np.empty(n_e, np.int64)
+    ends = np.empty((n_e, 2), np.int64)
+    zu = np.empty(n_e, np.float64)
+    yu = np.empty(n_e, np.float64)
+    new = np.empty(n_e, np.float64)
+    most = 0
+    for i in range(cols.shape[0]):
+        j = cols[i]
+        n_u, n_run = _solve_column_l1(xs[i], bounds[i], lh, lw, margin, warm, j, has_warm, stop,
+                                      n_iter, r, rr, deg, edges, ends, zu, yu, new)
+        most = max(most, n_run)
+        for k in range(n_u):
+            z[edges[k], j] = zu[k]
+    _residual(X, z, lh, lw, u)
+    return most
