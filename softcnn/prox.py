@@ -973,6 +973,7 @@ def tv_prox(
 
     if t_float == 0 or lh * lw == 1 or x.numel() == 0:
         return no_change()
+    compiled = _kernels.runs_on(x)
     x_scale = _max_abs(x.detach())
     if x_scale == 0:
         return no_change()
@@ -980,6 +981,10 @@ def tv_prox(
     def residual(z: torch.Tensor, X: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         # out = X - D^T z; masked entries of z are always exactly zero
         c = z.shape[1]
+        if compiled and z.is_contiguous() and X.is_contiguous() and out.is_contiguous():
+            a = _kernels.array
+            _kernels.residual(a(X.view(lh * lw, c)), a(z), lh, lw, a(out.view(lh * lw, c)))
+            return out
         zh, zv = z[:n_h].view(lh, lw - 1, c), z[n_h:].view(lh - 1, lw, c)
         torch.sub(X[:, 1:], zh, out=out[:, 1:])  # (no copy of X first: one pass less)
         out[:, 0] = X[:, 0]
@@ -1023,7 +1028,8 @@ def tv_prox(
     else:
         # masked edges stay 0 (the start is masked, and the gradient steps are 0 there), so the
         # projection onto the balls need not mask
-        keep = None if edge_mask is None else edge_mask.to(x.dtype)
+        keep = None if edge_mask is None else _cached(workspace, "keep", (edge_mask, x.dtype),
+                                                      lambda: edge_mask.to(x.dtype))
 
         def project_(z: torch.Tensor) -> torch.Tensor:
             norm = torch.linalg.vector_norm(z, dim=-1, keepdim=True)
@@ -1032,7 +1038,7 @@ def tv_prox(
     step = 1.0 / 8.0
     # below the round-off of one update (step times an ulp of max|x|) the change is noise
     stop = max(tol, step * torch.finfo(x.dtype).eps) * x_scale
-    if kind == "l1" and _kernels.runs_on(x):
+    if kind == "l1" and compiled:
         return _tv_l1_compiled(X, hi, rest, stop, n_iter, dual, shape, return_dual, out, buffer)
 
     def ascend(y: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -1054,6 +1060,16 @@ def tv_prox(
         z.view(n_e, *view).mul_(keep)
     ra = buffer("r", X.shape)
     n_loop = int(n_iter)
+    if kind == "group" and compiled:  # the same iterations, fused
+        steps = step * (torch.ones((), dtype=x.dtype) if keep is None else keep)
+        diff = torch.empty(n_rest, dtype=x.dtype)
+        a = _kernels.array
+        _, in_new = _kernels.tv_group(
+            a(X.reshape(lh * lw, n_rest)), a(_kernels.repeating_rows(steps, rest, n_e)), lh, lw, t_float,
+            stop, n_loop, a(z), a(new), a(buffer("y", z.shape)), a(ra.view(lh * lw, n_rest)),
+            *_kernels.bits(diff),
+        )
+        z, n_loop = new if in_new else z, 0
     if kind == "l1":
         # Screening, exact: at the solution |u_p - x_p| <= 4 t (at most four edges, |z_e| <= t
         # each), so an edge whose difference in x exceeds 8 t keeps its sign there and its dual
