@@ -11,7 +11,8 @@ for one penalty ``g``. They are pure functions of torch tensors: the input is
 never modified in place (except by the functions that take an ``out`` tensor
 and are given ``out=x``), the result has the dtype, device and shape of ``x``,
 and all work is vectorised over the entries (Python loops run only over a
-small number of groups or iterations). ``t`` may be a Python number or a 0-d
+small number of groups or iterations; on CPU, :func:`tv_prox` runs compiled
+loops with numba). ``t`` may be a Python number or a 0-d
 tensor. Inputs must be floating point (float32 and float64 are tested);
 :func:`pairwise_l1_prox` accumulates in float64 where the device supports it.
 The iterative and sorting operators (:func:`tv_prox`, :func:`pairwise_l1_prox`)
@@ -912,6 +913,17 @@ def tv_prox(
     :math:`r = x - D^\top z` over the fixed edges, also exact. Only the
     entries with chains of unfixed edges run the iterations above (if they
     are at most half of them, as a smaller problem of their own).
+
+    On CPU (float32 and float64 tensors) both kinds run as compiled loops
+    (numba) instead of a dozen tensor operations an iteration. ``"group"``
+    runs the same iterations, each one pass over the positions and one over
+    the edges. ``"l1"`` screens as above in one pass, then solves each entry that
+    has unfixed edges on those edges alone: FISTA with the step
+    :math:`1 / \max_{e=(p,q)} (\deg p + \deg q)` over the unfixed edges, in
+    float64, from the warm dual, stopped once the duality gap
+    :math:`\sum_e t |(Du)_e| - z_e (Du)_e` (zero on the fixed edges) is at
+    most ``stop**2 / 2``, which bounds :math:`\|u - u^\star\|_2` by
+    ``stop`` (``stop`` the change threshold above), or after ``n_iter``.
     """
     _check_input(x)
     t_, t_float = _scalar(t, "t", x)
