@@ -1,9 +1,9 @@
 """Fused CPU kernels (numba) for the proximal operators whose eager torch form is memory bound.
 
 An eager torch prox runs one pass over its operands per operation: a dozen passes for one TV
-dual iteration, ten for the transformed-l1 series. On CPU each pass costs more than its
-arithmetic, so the CPU path of these operators is one compiled loop per stage here, on NumPy
-views of the tensors' memory (no copy). Other devices keep the torch code in
+dual iteration. On CPU each pass costs more than its arithmetic, so the CPU path of
+:func:`softcnn.prox.tv_prox` is one compiled loop per stage here, on NumPy views of the
+tensors' memory (no copy). Other devices keep the torch code in
 :mod:`softcnn.prox`, which these kernels must agree with (tested).
 
 Compiled on first use and cached on disk (``cache=True``), by dtype, not by shape.
@@ -232,11 +232,11 @@ def _solve_column_l1(x, bound, lh, lw, margin, warm, j, has_warm, stop, n_iter, 
 
 
 @numba.njit(**_JIT)
-def tv_l1(X, box, lh, lw, margin, warm, has_warm, stop, n_iter, z, u):
-    """Anisotropic TV prox of every column of ``X`` (``(L, R)``, positions first): the dual into
-    ``z`` (``(E, R)``), ``u = X - D^T z`` into ``u`` (may be ``X``). Screening fixes the edges
-    with ``|(D x)_e| > margin box``; each column with others is solved on those alone. Returns
-    the largest number of iterations a column ran."""
+def tv_l1(X, box, lh, lw, margin, warm, has_warm, stop, n_iter, z):
+    """The dual of the anisotropic TV prox of every column of ``X`` (``(L, R)``, positions first)
+    into ``z`` (``(E, R)``, not ``warm``). Screening fixes the edges with ``|(D x)_e| > margin
+    box``; each column with others is solved on those alone. Returns the largest number of
+    iterations a column ran."""
     L, R = X.shape
     n_e = z.shape[0]
     unsure_cols = np.zeros(R, dtype=np.bool_)
@@ -263,7 +263,6 @@ def tv_l1(X, box, lh, lw, margin, warm, has_warm, stop, n_iter, z, u):
         most = max(most, n_run)
         for k in range(n_u):
             z[edges[k], j] = zu[k]
-    residual(X, z, lh, lw, u)
     return most
 
 
@@ -310,8 +309,7 @@ def tv_group(X, steps, lh, lw, t, stop, n_iter, z, new, y, r, diff, bits, magnit
     pass over the edges. ``z`` holds the start; the final dual is left in ``z`` or ``new``:
     returns ``(iterations, 1 if in new)``. ``bits`` is ``diff``'s memory as unsigned integers,
     ``magnitude`` their mask without the sign bit."""
-    n_h = lh * (lw - 1)
-    n_v = (lh - 1) * lw
+    n_e = lh * (lw - 1) + (lh - 1) * lw
     tau = 1.0
     momentum = False  # y is a separate point (else it is z itself)
     swapped = 0
@@ -322,13 +320,8 @@ def tv_group(X, steps, lh, lw, t, stop, n_iter, z, new, y, r, diff, bits, magnit
         residual(X, yy, lh, lw, r)
         change = 0.0
         mom = 0.0
-        for e in range(n_h + n_v):
-            if e < n_h:
-                p = (e // (lw - 1)) * lw + e % (lw - 1)
-                q = p + 1
-            else:
-                p = e - n_h
-                q = p + lw
+        for e in range(n_e):
+            p, q = _edge_ends(e, lh, lw)
             ch, mo = _group_edge(yy[e], z[e], new[e], r[p], r[q], steps[e if steps.shape[0] > 1 else 0],
                                  t, diff, bits, magnitude)
             change = max(change, ch)

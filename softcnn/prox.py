@@ -1050,8 +1050,6 @@ def tv_prox(
     step = 1.0 / 8.0
     # below the round-off of one update (step times an ulp of max|x|) the change is noise
     stop = max(tol, step * torch.finfo(x.dtype).eps) * x_scale
-    if kind == "l1" and compiled:
-        return _tv_l1_compiled(X, hi, rest, stop, n_iter, dual, shape, return_dual, out, buffer)
 
     def ascend(y: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         # out = y + step g, with steps of 0 on the edges that keep (if any) masks
@@ -1072,17 +1070,23 @@ def tv_prox(
         z.view(n_e, *view).mul_(keep)
     ra = buffer("r", X.shape)
     n_loop = int(n_iter)
-    if kind == "group" and compiled:  # the same iterations, fused
-        steps = step * (torch.ones((), dtype=x.dtype) if keep is None else keep)
-        diff = torch.empty(n_rest, dtype=x.dtype)
-        a = _kernels.array
-        _, in_new = _kernels.tv_group(
-            a(X.reshape(lh * lw, n_rest)), a(_kernels.repeating_rows(steps, rest, n_e)), lh, lw, t_float,
-            stop, n_loop, a(z), a(new), a(buffer("y", z.shape)), a(ra.view(lh * lw, n_rest)),
-            *_kernels.bits(diff),
-        )
-        z, n_loop = new if in_new else z, 0
-    if kind == "l1":
+    # the screening's margin: 8 t, and a few ulps for the round-off of D x
+    margin = 8 * (1 + 8 * torch.finfo(x.dtype).eps)
+    if compiled:  # the same problem by compiled loops (see the Notes)
+        a, X2 = _kernels.array, X.reshape(lh * lw, n_rest)
+        if kind == "l1":  # from the warm dual in z, into new
+            _kernels.tv_l1(a(X2), a(_kernels.repeating_rows(hi, rest, n_e)), lh, lw, margin, a(z),
+                           dual is not None, stop, n_loop, a(new))
+            z = new
+        else:
+            steps = step * (torch.ones((), dtype=x.dtype) if keep is None else keep)
+            _, in_new = _kernels.tv_group(
+                a(X2), a(_kernels.repeating_rows(steps, rest, n_e)), lh, lw, t_float, stop, n_loop, a(z), a(new),
+                a(buffer("y", z.shape)), a(ra.view(lh * lw, n_rest)), *_kernels.bits(torch.empty(n_rest, dtype=x.dtype)),
+            )
+            z = new if in_new else z
+        n_loop = 0
+    elif kind == "l1":
         # Screening, exact: at the solution |u_p - x_p| <= 4 t (at most four edges, |z_e| <= t
         # each), so an edge whose difference in x exceeds 8 t keeps its sign there and its dual
         # is t sign((D x)_e). Columns made only of such edges (after a step of a fit, all but a
@@ -1094,7 +1098,7 @@ def tv_prox(
         torch.copysign(hi, dx.view(n_e, *view), out=start.view(n_e, *view))
         gap = dx.abs_()
         # (a margin of a few ulps for the round-off of D x; masked edges are sure, with dual 0)
-        gap.view(n_e, *view).sub_(hi * (8 * (1 + 8 * torch.finfo(x.dtype).eps)))
+        gap.view(n_e, *view).sub_(hi * margin)
         left = (gap.amin(0) < 0).nonzero().squeeze(1)
         if n_rest - left.numel() >= max(n_rest // 2, 1):
             if left.numel():
@@ -1176,29 +1180,6 @@ def tv_prox(
     # the dual is 0 on every edge of an absent entry: it comes back unchanged, no selection needed
     direct = out is not None and out.is_contiguous()
     u = residual(z, X, out.view(X.shape) if direct else torch.empty_like(X)).view(shape)
-    if out is not None and not direct:
-        u = out.copy_(u)
-    return (u, z) if return_dual else u
-
-
-def _tv_l1_compiled(X, hi, rest, stop, n_iter, dual, shape, return_dual, out, buffer):
-    """:func:`tv_prox`'s anisotropic case by the fused CPU kernel: the same screening, then each
-    column with unsure edges solved on those edges alone (see :func:`softcnn._kernels.tv_l1`)."""
-    lh, lw, n_rest = X.shape
-    n_e = lh * (lw - 1) + (lh - 1) * lw
-    z, other = buffer("z", (n_e, n_rest)), buffer("new", (n_e, n_rest))
-    if dual is not None and dual.data_ptr() == z.data_ptr():  # the kernel reads the warm dual late
-        z = other
-    direct = out is not None and out.is_contiguous()
-    u = out.view(X.shape) if direct else torch.empty_like(X)
-    margin = 8 * (1 + 8 * torch.finfo(X.dtype).eps)  # (a few ulps for the round-off of D x)
-    warm = z if dual is None else dual.contiguous()
-    a = _kernels.array
-    _kernels.tv_l1(
-        a(X.reshape(lh * lw, n_rest)), a(_kernels.repeating_rows(hi, rest, n_e)), lh, lw, margin,
-        a(warm), dual is not None, stop, int(n_iter), a(z), a(u.view(lh * lw, n_rest)),
-    )
-    u = u.view(shape)
     if out is not None and not direct:
         u = out.copy_(u)
     return (u, z) if return_dual else u
