@@ -1029,7 +1029,7 @@ def tv_prox(
     if kind == "l1":
         # the box of radius t, of radius 0 on masked edges: one clamp projects and masks
         hi = box = t_ if edge_mask is None else _cached(
-            workspace, "box", (edge_mask, t_float), lambda: torch.where(edge_mask, t_, torch.zeros_like(t_)))
+            workspace, "box", (edge_mask, t_float, x.dtype), lambda: torch.where(edge_mask, t_, torch.zeros_like(t_)))
         lo = -hi
         keep = None
 
