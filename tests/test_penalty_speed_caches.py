@@ -439,6 +439,26 @@ def test_tv_workspace_and_out_give_the_plain_result(kind, kernel_backend):
     assert all(b.dtype == torch.float32 for b in scratch_buffers(ws))
 
 
+@pytest.mark.parametrize("kind", ["l1", "group"])
+def test_tv_workspace_cache_follows_the_mask_and_dtype(kind, kernel_backend):
+    """The edge mask and bounds kept in a workspace are rebuilt when the mask changes in place,
+    or another mask, step or dtype comes: the result is always that of a call without one."""
+    g = _gen(27)
+    x = torch.randn(20, 3, 4, dtype=torch.float64, generator=g)
+    mask = torch.rand(20, 1, 4, generator=g) < 0.8
+    ws = {}
+    for step in range(4):
+        if step == 1:
+            mask[3, 0, 1] = ~mask[3, 0, 1]  # in place: a new version
+        if step == 2:
+            mask = torch.rand(20, 1, 4, generator=g) < 0.5
+        t = 0.2 if step < 3 else 0.05
+        for xx in (x, x.float()):
+            plain = tv_prox(xx, t, (4, 5), kind=kind, mask=mask)
+            torch.testing.assert_close(tv_prox(xx, t, (4, 5), kind=kind, mask=mask, workspace=ws), plain,
+                                       atol=0, rtol=0)
+
+
 def test_tv_l1_columns_stop_on_their_own(monkeypatch):
     """Anisotropic TV iterates only the columns that have not met the stopping test; the result
     is that of solving each column alone (and of iterating them all), to the solver's accuracy."""
