@@ -1079,7 +1079,8 @@ def tv_prox(
                            dual is not None, stop, n_loop, a(new))
             z = new
         else:
-            steps = step * (torch.ones((), dtype=x.dtype) if keep is None else keep)
+            steps = _cached(workspace, "steps", (keep, x.dtype),
+                            lambda: step * (torch.ones((), dtype=x.dtype) if keep is None else keep))
             _, in_new = _kernels.tv_group(
                 a(X2), a(_kernels.repeating_rows(steps, rest, n_e)), lh, lw, t_float, stop, n_loop, a(z), a(new),
                 a(buffer("y", z.shape)), a(ra.view(lh * lw, n_rest)), *_kernels.bits(torch.empty(n_rest, dtype=x.dtype)),
