@@ -28,12 +28,15 @@ ENABLED = True
 
 def runs_on(x: torch.Tensor) -> bool:
     """Whether the compiled kernels take ``x``: a plain float32/float64 CPU tensor (not one of
-    ``torch.func``'s wrappers, whose memory NumPy cannot see)."""
+    ``torch.func``'s wrappers, nor a batch of a batched backward, ``is_grads_batched``: NumPy
+    cannot see their memory)."""
+    functorch = torch._C._functorch
     return (
         ENABLED
         and x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.float64)
-        and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+        and not functorch.is_functorch_wrapped_tensor(x)
+        and not functorch.is_legacy_batchedtensor(x)
     )
 
 
@@ -342,3 +345,111 @@ def tv_group(X, steps, lh, lw, t, stop, n_iter, z, new, y, r, diff, bits, magnit
                 for j in range(ye.shape[0]):
                     ye[j] = ze[j] + beta * (ze[j] - pe[j])
     return n_run, swapped
+
+
+# --------------------------------------------------------------- a layer covering the image
+# ``softcnn.layers._CoveringDense`` on CPU: its weight block built, and its weight gradient
+# reduced and scaled, in one pass each. The block's rows are the pixels in the image's own
+# order, so the GEMMs read the input as it is and return its gradient as it is (the storage,
+# ``deviation``, has them flipped). ``geometry`` is the layer's ``(C, H, W, Lh, Lw, sh, sw)``.
+
+
+@numba.njit(**_JIT)
+def _flipped_kernels(m, ms, C, Sh, Sw, f0, nf):
+    """``m * ms`` of rows ``f0 .. f0 + nf`` without the bias column, each ``Sh x Sw`` kernel
+    flipped: ``(nf, C Sh Sw)``."""
+    out = np.empty((nf, C * Sh * Sw), m.dtype)
+    for f in range(nf):
+        for c in range(C):
+            for a in range(Sh):
+                for b in range(Sw):
+                    k = (c * Sh + Sh - 1 - a) * Sw + Sw - 1 - b
+                    out[f, (c * Sh + a) * Sw + b] = m[f0 + f, k] * ms[k]
+    return out
+
+
+@numba.njit(**_JIT_SUMS)
+def covering_block(m, ms, dev, sc, C, H, W, Lh, Lw, sh, sw, f0, block, bias):
+    """Output channels ``f0 .. f0 + block.shape[1]`` of the weight: ``block[r, f - f0, p]`` for
+    pixel ``r`` (image order) and position ``p``, and the bias row ``bias[f - f0, p]``.
+
+    ``m (F, K)`` and ``ms (K,)``: the shared kernels and their scales; ``dev (C H W + 1, F, L)``
+    and ``sc (C H W + 1, L)``: the stored deviations and their scales. The entry is
+    ``m ms`` at the offset that reaches the pixel from the position, plus ``dev sc`` at the
+    pixel's stored row (its flipped one). Reads and writes run along the positions, one row of
+    positions at a time (contiguous segments at stride 1: they vectorise).
+    """
+    Sh, Sw = H + (Lh - 1) * sh, W + (Lw - 1) * sw
+    nf, hw = block.shape[1], H * W
+    mf = _flipped_kernels(m, ms, C, Sh, Sw, f0, nf)
+    for r in range(C * hw):
+        c, h, w = r // hw, H - 1 - (r % hw) // W, W - 1 - r % W  # the stored row's coordinates
+        rs = (c * H + h) * W + w
+        for f in range(nf):
+            out, d, s, k = block[r, f], dev[rs, f0 + f], sc[rs], mf[f]
+            for i in range(Lh):
+                p, base = i * Lw, (c * Sh + i * sh + h) * Sw + w
+                oo, do, so = out[p : p + Lw], d[p : p + Lw], s[p : p + Lw]
+                if sw == 1:  # a contiguous slice (a strided one's loop does not vectorise)
+                    ko = k[base : base + Lw]
+                    for j in range(Lw):
+                        oo[j] = ko[j] + do[j] * so[j]
+                else:
+                    for j in range(Lw):
+                        oo[j] = k[base + j * sw] + do[j] * so[j]
+    K, chw = m.shape[1], C * hw
+    for f in range(nf):
+        b = m[f0 + f, K - 1] * ms[K - 1]
+        for p in range(Lh * Lw):
+            bias[f, p] = b + dev[chw, f0 + f, p] * sc[chw, p]
+
+
+@numba.njit(**_JIT_SUMS)
+def covering_adjoint(g, ms, sc, C, H, W, Lh, Lw, sh, sw, gm):
+    """The weight gradient ``g (C H W + 1, F, L)`` (pixels in image order, the bias row last) to
+    the parameters': in place, ``g`` becomes the stored deviations' (rows flipped as stored,
+    times ``sc``), and ``gm (F, K)`` is the shared kernels' (``g`` summed onto the offsets,
+    times ``ms``: the adjoint of :func:`covering_block`). A pixel's row and its stored one are
+    read and written together (the flip swaps them)."""
+    Sh, Sw = H + (Lh - 1) * sh, W + (Lw - 1) * sw
+    nf, hw, chw, K = g.shape[1], H * W, C * H * W, gm.shape[1]
+    acc = np.zeros((nf, C * Sh * Sw), g.dtype)  # onto the flipped offsets, as in covering_block
+    for r in range(chw):
+        c, h, w = r // hw, H - 1 - (r % hw) // W, W - 1 - r % W
+        rs = (c * H + h) * W + w  # g[r] is the gradient of stored row rs, and g[rs] of stored row r
+        if rs < r:
+            continue
+        for second in range(2):  # each row onto its stored row's offsets (coordinates hx, wx)
+            if second and rs == r:  # the centre pixel is its own stored row: once
+                break
+            x, hx, wx = (rs, H - 1 - h, W - 1 - w) if second else (r, h, w)
+            for f in range(nf):
+                gx, acc_f = g[x, f], acc[f]
+                for i in range(Lh):
+                    base = (c * Sh + i * sh + hx) * Sw + wx
+                    gi = gx[i * Lw : (i + 1) * Lw]
+                    if sw == 1:  # a contiguous slice (a strided one's loop does not vectorise)
+                        ka = acc_f[base : base + Lw]
+                        for j in range(Lw):
+                            ka[j] += gi[j]
+                    else:
+                        for j in range(Lw):
+                            acc_f[base + j * sw] += gi[j]
+        a, b, sa, sb = g[r], g[rs], sc[rs], sc[r]  # swapped and scaled, whole rows
+        for f in range(nf):
+            for p in range(Lh * Lw):
+                u = a[f, p]
+                a[f, p] = b[f, p] * sb[p]
+                b[f, p] = u * sa[p]
+    for f in range(nf):
+        s = 0.0
+        for p in range(Lh * Lw):
+            v = g[chw, f, p]
+            s += v
+            g[chw, f, p] = v * sc[chw, p]
+        gm[f, K - 1] = s * ms[K - 1]
+        for c in range(C):
+            for a in range(Sh):
+                for b in range(Sw):
+                    k = (c * Sh + Sh - 1 - a) * Sw + Sw - 1 - b
+                    gm[f, k] = acc[f, (c * Sh + a) * Sw + b] * ms[k]

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from . import _kernels
+
 __all__ = ["AxisGeometry", "NeighbourPairs", "SoftConv2d", "axis_geometry", "choose_tile", "tile_macs"]
 
 
@@ -355,6 +357,15 @@ class _CoveringDense(torch.autograd.Function):
     place into ``deviation``'s and ``shared``'s (the scaling inside: no
     autograd node for ``m``). Blocks over ``_SAVED_BLOCK_BYTES`` are built
     by chunks of output channels and rebuilt in the backward.
+
+    With ``compiled`` (CPU tensors outside torch.func transforms, a block
+    kept whole: see :meth:`SoftConv2d.forward`) the block is built by one
+    compiled pass (:func:`softcnn._kernels.covering_block`) with its rows
+    in the image's order and the bias apart, ``x W[:-1] + b``: no flipped
+    copy of the input or of its gradient, no column of ones; the weight
+    gradient is reduced, flipped and scaled by one more
+    (:func:`softcnn._kernels.covering_adjoint`). That removes most of the
+    per-call cost, which at 8x8 is as large as the GEMMs'.
     """
 
     @staticmethod
@@ -366,13 +377,19 @@ class _CoveringDense(torch.autograd.Function):
         return Fo if Fo * per_channel <= _SAVED_BLOCK_BYTES else max(1, _CHUNK_BYTES // per_channel)
 
     @staticmethod
-    def forward(x, deviation, shared, shared_scale, scale, geometry):
+    def forward(x, deviation, shared, shared_scale, scale, geometry, compiled):
         C, H, W, Lh, Lw, _, _ = geometry
         chw, n, Fo, L = C * H * W, x.shape[0], shared.shape[0], Lh * Lw
         fc = _CoveringDense._chunk(deviation, geometry)
+        out = x.new_empty(n, Fo * L)
+        if compiled:  # the block kept whole (see SoftConv2d.forward), rows in image order, bias apart
+            a, block, bias = _kernels.array, deviation.new_empty(chw, Fo, L), deviation.new_empty(Fo * L)
+            _kernels.covering_block(a(shared), a(shared_scale), a(deviation), a(scale.view(chw + 1, L)), *geometry,
+                                    0, a(block), a(bias.view(Fo, L)))
+            torch.addmm(bias, x.reshape(n, chw), block.view(chw, -1), out=out)
+            return out.view(n, Fo, Lh, Lw), block, None  # None: the backward reads x as it is
         m = shared * shared_scale
         x1 = torch.cat([x.flip(2, 3).reshape(n, chw), x.new_ones(n, 1)], dim=1)  # the backward's too
-        out = x.new_empty(n, Fo * L)
         work = deviation.new_empty((chw + 1) * fc * L)
         for f0 in range(0, Fo, fc):
             f1 = min(f0 + fc, Fo)
@@ -387,10 +404,11 @@ class _CoveringDense(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _, deviation, shared, shared_scale, scale, geometry = inputs
-        ctx.mark_non_differentiable(output[1], output[2])
+        x, deviation, shared, shared_scale, scale, geometry, compiled = inputs
+        ctx.compiled = compiled
+        ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
         ctx.set_materialize_grads(False)  # the block gets no gradient: no full-size zeros for it
-        ctx.save_for_backward(deviation, shared, shared_scale, scale, output[1], output[2])
+        ctx.save_for_backward(deviation, shared, shared_scale, scale, output[1], x if ctx.compiled else output[2])
         ctx.geometry = geometry
 
     @staticmethod
@@ -398,6 +416,8 @@ class _CoveringDense(torch.autograd.Function):
     def backward(ctx, grad_out, _, __):
         # Runs under torch.func.vmap in stacked fits: batchable ops only, in place only on own tensors.
         deviation, shared, shared_scale, scale, saved, x1 = ctx.saved_tensors
+        if ctx.compiled:
+            return _CoveringDense._compiled_backward(ctx, grad_out, shared, shared_scale, scale, saved, x1)
         C, H, W, Lh, Lw, _, _ = geometry = ctx.geometry
         chw, n, Fo, L = C * H * W, x1.shape[0], shared.shape[0], Lh * Lw
         g = grad_out.reshape(n, -1)
@@ -419,16 +439,51 @@ class _CoveringDense(torch.autograd.Function):
             grad_x = grad_x.view(n, C, H, W).flip(2, 3)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             grad_w = x1.T.mm(g).view(chw + 1, -1, L)  # (C H W + 1, F, L), the bias row last
-            if ctx.needs_input_grad[2]:
-                grad_m = _stored_adjoint(grad_w, geometry).mul_(shared_scale)  # into shared's gradient
-            if ctx.needs_input_grad[1]:
-                grad_d = grad_w.mul_(scale)
-        return grad_x, grad_d, grad_m, None, None, None
+            grad_d, grad_m = _CoveringDense._parameter_grads(ctx, grad_w, shared_scale, scale)
+        return grad_x, grad_d, grad_m, None, None, None, None
 
     @staticmethod
-    def vmap(info, in_dims, x, deviation, shared, shared_scale, scale, geometry):
+    def _parameter_grads(ctx, grad_w, shared_scale, scale):
+        """The stored deviations' and the shared kernels' gradients from the weight's, ``grad_w``
+        in the storage's layout (rows of flipped pixels, the bias row last), which becomes the first."""
+        grad_d = grad_m = None
+        if ctx.needs_input_grad[2]:
+            grad_m = _stored_adjoint(grad_w, ctx.geometry).mul_(shared_scale)  # into shared's gradient
+        if ctx.needs_input_grad[1]:
+            grad_d = grad_w.mul_(scale)
+        return grad_d, grad_m
+
+    @staticmethod
+    def _compiled_backward(ctx, grad_out, shared, shared_scale, scale, block, x):
+        """The backward of the compiled forward: ``block`` has its rows in image order and ``x`` is
+        the input, as it is."""
+        C, H, W, Lh, Lw, _, _ = geometry = ctx.geometry
+        chw, n, Fo, L = C * H * W, x.shape[0], shared.shape[0], Lh * Lw
+        g = grad_out.reshape(n, -1)
+        grad_x = grad_d = grad_m = None
+        if ctx.needs_input_grad[0]:
+            grad_x = g.mm(block.view(chw, -1).T).view(x.shape)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            xr = x.reshape(n, chw)
+            if _kernels.runs_on(g):
+                grad_w = g.new_empty(chw + 1, Fo, L)  # pixels in image order, the bias row last
+                torch.mm(xr.T, g, out=grad_w[:chw].view(chw, -1))
+                torch.sum(g, 0, out=grad_w[chw].view(-1))
+                a, grad_m = _kernels.array, g.new_empty(shared.shape)
+                _kernels.covering_adjoint(a(grad_w), a(shared_scale), a(scale.view(chw + 1, L)), *geometry,
+                                          a(grad_m))
+                grad_d = grad_w if ctx.needs_input_grad[1] else None
+                grad_m = grad_m if ctx.needs_input_grad[2] else None
+            else:  # a batched backward (is_grads_batched): out= has no vmap rule; the rows flipped as stored
+                grad_w = xr.T.mm(g).view(C, H, W, Fo, L).flip(1, 2).reshape(chw, Fo, L)
+                stored = torch.cat([grad_w, g.sum(0).view(1, Fo, L)])
+                grad_d, grad_m = _CoveringDense._parameter_grads(ctx, stored, shared_scale, scale)
+        return grad_x, grad_d, grad_m, None, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, deviation, shared, shared_scale, scale, geometry, compiled):
         return _vmap_per_model(_CoveringDense.apply, info, in_dims, x, deviation, shared, shared_scale, scale,
-                               geometry)
+                               geometry, False)
 
 
 class _CoveringDenseEager(_CoveringDense):
@@ -952,9 +1007,12 @@ class SoftConv2d(nn.Module):
     # --------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._one_gemm:
-            covering = _CoveringDense if torch._C._are_functorch_transforms_active() else _CoveringDenseEager
-            return covering.apply(x, self.deviation, self.shared, self.shared_scale, self._stored_scale(),
-                                  self._geometry)[0]
+            args = (x, self.deviation, self.shared, self.shared_scale, self._stored_scale())
+            if torch._C._are_functorch_transforms_active():  # its vmap rule runs the torch code
+                return _CoveringDense.apply(*args, self._geometry, False)[0]
+            compiled = (all(_kernels.runs_on(t) and t.dtype == x.dtype for t in args)
+                        and _CoveringDense._chunk(self.deviation, self._geometry) == self.out_channels)
+            return _CoveringDenseEager.apply(*args, self._geometry, compiled)[0]
         n = x.shape[0]
         ah, aw = self._tiles
         Th, Tw, th, tw = ah.n_tiles, aw.n_tiles, ah.length, aw.length

@@ -366,9 +366,10 @@ FULL_GEOMETRIES = [g for g in GEOMETRIES if g[-1] == "full"] + [
 
 @pytest.mark.parametrize("chunks", [None, 1, 2])
 @pytest.mark.parametrize("geometry", FULL_GEOMETRIES)
-def test_full_support_one_gemm_matches_the_kernel_view(geometry, chunks, monkeypatch):
+def test_full_support_one_gemm_matches_the_kernel_view(geometry, chunks, monkeypatch, kernel_backend):
     """The compact 'full' storage run as one GEMM (weight block kept, or rebuilt by chunks of output
-    channels in the backward) gives the outputs and gradients of the (L, F, K) kernels() reference."""
+    channels in the backward) gives the outputs and gradients of the (L, F, K) kernels() reference,
+    built by the compiled CPU kernels and by the torch code."""
     from softcnn import layers
 
     if chunks is not None:  # blocks of `chunks` channels (the last one shorter), rebuilt in the backward
@@ -390,6 +391,35 @@ def test_full_support_one_gemm_matches_the_kernel_view(geometry, chunks, monkeyp
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
     assert got[0].is_contiguous()
+
+
+@pytest.mark.parametrize("frozen", ["x", "shared", "deviation"])
+@pytest.mark.parametrize("geometry", FULL_GEOMETRIES[-2:])
+def test_full_support_one_gemm_partial_and_batched_gradients(geometry, frozen, kernel_backend):
+    """With one of input, shared kernels and deviations not requiring grad, the others' gradients
+    are the reference's. With the shared kernels frozen, a batched backward (``is_grads_batched``:
+    cotangents the compiled kernels cannot read) gives each cotangent's gradients (the shared
+    kernels' gradient, window sums over views, has no batching rule there)."""
+    C, F, H, W = geometry[:4]
+    layer = random_layer(*geometry, "auto")
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        layer.deviation_scale.uniform_(0.5, 2.0, generator=g)
+    x = torch.randn(3, C, H, W, dtype=torch.float64, generator=g, requires_grad=True)
+    cots = torch.randn(2, 3, F, *layer.output_shape, dtype=torch.float64, generator=g)
+    inputs = {"x": x, "shared": layer.shared, "deviation": layer.deviation}
+    expected = [outputs_and_grads(layer, lambda x: reference_unfold(layer, x), x, c)[1:] for c in cots]
+    inputs[frozen].requires_grad_(False)
+    wanted = [k for k in inputs if k != frozen]
+    out = layer(x)
+    single = torch.autograd.grad(out, [inputs[k] for k in wanted], cots[0], retain_graph=True)
+    for got, name in zip(single, wanted):
+        torch.testing.assert_close(got, expected[0][list(inputs).index(name)], rtol=0, atol=1e-10)
+    if frozen == "shared":
+        batched = torch.autograd.grad(out, [inputs[k] for k in wanted], cots, is_grads_batched=True)
+        for got, name in zip(batched, wanted):
+            for b in range(2):
+                torch.testing.assert_close(got[b], expected[b][list(inputs).index(name)], rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("geometry", FULL_GEOMETRIES + [(1, 2, 8, 8, 3, 1, "same", "full")])
