@@ -13,7 +13,8 @@ a batch of 128), one forward + backward (input gradient included) of:
   by the support mask in every forward.
 
 Times are the best of ``--repeats`` runs (more while under 0.2 s; of 2 when one takes over
-3 s) after a warm-up, wall clock, or with
+3 s) after a warm-up, the four passes of a row interleaved (one of each in turn, so that
+their ratios are taken under the same conditions), wall clock, or with
 ``--threads 1 --clock cpu`` the process's CPU time (what an idle machine's wall clock would
 read, and far less disturbed by other processes on a shared machine).
 GFLOP/s = 2 x MACs x 3 / time: MACs (column MMAC) are the soft layer's forward multiply-adds
@@ -112,23 +113,36 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 CLOCK = time.perf_counter
 
 
-def best_time(fn, repeats, device, min_time=0.2, max_repeats=50, slow=3.0) -> float:
-    """Best of ``repeats`` timed calls (more while under ``min_time``) after a warm-up call;
-    when the warm-up takes over ``slow`` seconds, the best of it and one more call."""
+def best_times(fns, repeats, device, min_time=0.2, max_repeats=50, slow=3.0) -> list[float]:
+    """Best of ``repeats`` timed calls of each of ``fns`` (more while under ``min_time``) after a
+    warm-up call, the calls interleaved (one of each in turn), so that a ratio of two of them is
+    taken under the same conditions; a function whose warm-up takes over ``slow`` seconds gets
+    the best of it and one more call."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    t0 = CLOCK()
-    fn()  # warm-up
-    sync()
-    first = CLOCK() - t0
-    if first > slow:
-        repeats, min_time = 1, 0.0
-    times, start = [first] if first > slow else [], time.perf_counter()
-    while len(times) < repeats or (time.perf_counter() - start < min_time and len(times) < max_repeats):
+
+    def timed(fn):
         t0 = CLOCK()
         fn()
         sync()
-        times.append(CLOCK() - t0)
-    return min(times)
+        return CLOCK() - t0
+
+    first = [timed(fn) for fn in fns]  # warm-up
+    times = [[t] if t > slow else [] for t in first]
+    wanted = [1 if t > slow else repeats for t in first]
+    start = time.perf_counter()
+    while True:
+        active = [i for i, fn in enumerate(fns)
+                  if len(times[i]) < wanted[i] + (first[i] > slow)
+                  or (first[i] <= slow and time.perf_counter() - start < min_time and len(times[i]) < max_repeats)]
+        if not active:
+            return [min(t) for t in times]
+        for i in active:
+            times[i].append(timed(fns[i]))
+
+
+def best_time(fn, repeats, device, min_time=0.2, max_repeats=50, slow=3.0) -> float:
+    """:func:`best_times` of one function."""
+    return best_times([fn], repeats, device, min_time, max_repeats, slow)[0]
 
 
 def fwd_bwd(module_fn, params, x, grad_out):
@@ -193,9 +207,9 @@ def make_layer(C, H, W, k, support, Fo, device, dtype, formulation="auto", tile_
     return layer
 
 
-def measure(run, args, device, memory=True):
-    t = best_time(run, args.repeats, device)
-    return t, (peak_bytes(run, device) if memory else float("nan"))
+def measure(runs, args, device):
+    """Best times of ``runs`` (interleaved) and their peak memory."""
+    return best_times(runs, args.repeats, device), [peak_bytes(run, device) for run in runs]
 
 
 def main(argv=None):
@@ -241,16 +255,18 @@ def main(argv=None):
             w_mm = torch.randn(C * H * W, L * Fo, device=device, dtype=dtype, generator=gen) / math.sqrt(C * H * W)
             w_mm.requires_grad_()
             g_mm = torch.randn(n, L * Fo, device=device, dtype=dtype, generator=gen)
-            t_mm, m_mm = measure(fwd_bwd(w_mm.__rmatmul__, [w_mm], x2, g_mm), args, device)
+            mm = fwd_bwd(w_mm.__rmatmul__, [w_mm], x2, g_mm)
             for k in KERNELS:
                 conv = nn.Conv2d(C, Fo, k, padding="same", device=device, dtype=dtype)
                 g_out = torch.randn(n, Fo, H, W, device=device, dtype=dtype, generator=gen)
-                t_conv, m_conv = measure(fwd_bwd(conv, list(conv.parameters()), x, g_out), args, device)
                 for support in supports(k):
                     layer = make_layer(C, H, W, k, support, Fo, device, dtype)
-                    t_soft, m_soft = measure(fwd_bwd(layer, list(layer.parameters()), x, g_out), args, device)
                     naive = MaskedLinear(layer, device, dtype)
-                    t_naive, m_naive = measure(fwd_bwd(naive, list(naive.parameters()), x, g_out), args, device)
+                    # every row times its references again, interleaved with the layer: ratios of one run
+                    (t_soft, t_mm, t_conv, t_naive), (m_soft, m_mm, m_conv, m_naive) = measure(
+                        [fwd_bwd(layer, list(layer.parameters()), x, g_out), mm,
+                         fwd_bwd(conv, list(conv.parameters()), x, g_out),
+                         fwd_bwd(naive, list(naive.parameters()), x, g_out)], args, device)
                     macs = soft_macs(layer, n)
                     pct = gflops(macs, t_soft) / gflops(mm_macs, t_mm)
                     tile = "x".join(map(str, layer.tile_shape))

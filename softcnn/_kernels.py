@@ -405,12 +405,13 @@ def covering_block(m, ms, dev, sc, C, H, W, Lh, Lw, sh, sw, f0, block, bias):
 
 
 @numba.njit(**_JIT_SUMS)
-def covering_adjoint(g, ms, sc, C, H, W, Lh, Lw, sh, sw, gm):
-    """The weight gradient ``g (C H W + 1, F, L)`` (pixels in image order, the bias row last) to
-    the parameters': in place, ``g`` becomes the stored deviations' (rows flipped as stored,
-    times ``sc``), and ``gm (F, K)`` is the shared kernels' (``g`` summed onto the offsets,
-    times ``ms``: the adjoint of :func:`covering_block`). A pixel's row and its stored one are
-    read and written together (the flip swaps them)."""
+def covering_adjoint(g, go, ms, sc, C, H, W, Lh, Lw, sh, sw, gm):
+    """The weight gradient ``g (C H W + 1, F, L)`` (pixels in image order; its bias row, last, is
+    written here from the output's gradient ``go (n, F L)``) to the parameters': in place, ``g``
+    becomes the stored deviations' (rows flipped as stored, times ``sc``), and ``gm (F, K)`` is
+    the shared kernels' (``g`` summed onto the offsets, times ``ms``: the adjoint of
+    :func:`covering_block`). A pixel's row and its stored one are read and written together
+    (the flip swaps them)."""
     Sh, Sw = H + (Lh - 1) * sh, W + (Lw - 1) * sw
     nf, hw, chw, K = g.shape[1], H * W, C * H * W, gm.shape[1]
     acc = np.zeros((nf, C * Sh * Sw), g.dtype)  # onto the flipped offsets, as in covering_block
@@ -441,6 +442,12 @@ def covering_adjoint(g, ms, sc, C, H, W, Lh, Lw, sh, sw, gm):
                 u = a[f, p]
                 a[f, p] = b[f, p] * sb[p]
                 b[f, p] = u * sa[p]
+    bias = g[chw].reshape(nf * Lh * Lw)
+    bias[:] = 0
+    for b in range(go.shape[0]):
+        row = go[b]
+        for q in range(bias.shape[0]):
+            bias[q] += row[q]
     for f in range(nf):
         s = 0.0
         for p in range(Lh * Lw):

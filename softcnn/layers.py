@@ -466,11 +466,10 @@ class _CoveringDense(torch.autograd.Function):
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             xr = x.reshape(n, chw)
             if _kernels.runs_on(g):
-                grad_w = g.new_empty(chw + 1, Fo, L)  # pixels in image order, the bias row last
+                grad_w = g.new_empty(chw + 1, Fo, L)  # pixels in image order, the bias row by the kernel
                 torch.mm(xr.T, g, out=grad_w[:chw].view(chw, -1))
-                torch.sum(g, 0, out=grad_w[chw].view(-1))
                 a, grad_m = _kernels.array, g.new_empty(shared.shape)
-                _kernels.covering_adjoint(a(grad_w), a(shared_scale), a(scale.view(chw + 1, L)), *geometry,
+                _kernels.covering_adjoint(a(grad_w), a(g), a(shared_scale), a(scale.view(chw + 1, L)), *geometry,
                                           a(grad_m))
                 grad_d = grad_w if ctx.needs_input_grad[1] else None
                 grad_m = grad_m if ctx.needs_input_grad[2] else None
@@ -1010,7 +1009,9 @@ class SoftConv2d(nn.Module):
             args = (x, self.deviation, self.shared, self.shared_scale, self._stored_scale())
             if torch._C._are_functorch_transforms_active():  # its vmap rule runs the torch code
                 return _CoveringDense.apply(*args, self._geometry, False)[0]
-            compiled = (all(_kernels.runs_on(t) and t.dtype == x.dtype for t in args)
+            # (the buffers follow the parameters' device and dtype)
+            compiled = (_kernels.runs_on(x) and _kernels.runs_on(self.deviation)
+                        and x.dtype == self.deviation.dtype == self.shared.dtype
                         and _CoveringDense._chunk(self.deviation, self._geometry) == self.out_channels)
             return _CoveringDenseEager.apply(*args, self._geometry, compiled)[0]
         n = x.shape[0]
