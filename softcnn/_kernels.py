@@ -460,3 +460,105 @@ def covering_adjoint(g, go, ms, sc, C, H, W, Lh, Lw, sh, sw, gm):
                 for b in range(Sw):
                     k = (c * Sh + Sh - 1 - a) * Sw + Sw - 1 - b
                     gm[f, k] = acc[f, (c * Sh + a) * Sw + b] * ms[k]
+
+
+# ------------------------------------------------------------------- pairwise l1 (all pairs)
+# ``softcnn.prox.pairwise_l1_prox`` on CPU: each row sorted by one NumPy sort of 32-bit keys (the
+# value's order-preserving bits above, its index below: half the work of 64-bit keys), then one
+# compiled pass per row puts the ties of the shortened values in order, runs the isotonic
+# regression and writes the row back.
+
+
+def pairwise_index_bits(n: int) -> int:
+    """Bits of a 32-bit key that hold the index in a row of ``n``: ``ceil(log2 n)``, at least 1."""
+    return max(1, (n - 1).bit_length())
+
+
+@numba.njit(**_JIT)
+def pairwise_keys(bits32, exists, bits, keys):
+    """``keys[b, i]``: the order-preserving int32 form of the float32 bits ``bits32[b, i]`` with
+    its lowest ``bits`` replaced by ``i``; absent entries (``exists[b % exists.shape[0], i]``
+    zero) above every value. Dropping low bits keeps the order of the values, ties aside."""
+    B, n = bits32.shape
+    low = np.int32((1 << bits) - 1)
+    top = np.int32(0x7FFFFFFF) & ~low
+    for b in range(B):
+        e, u, out = exists[b % exists.shape[0]], bits32[b], keys[b]
+        for i in range(n):
+            k = u[i] ^ ((u[i] >> 31) & np.int32(0x7FFFFFFF))  # negative floats: magnitude bits flipped
+            out[i] = ((k & ~low) if e[i] else top) | np.int32(i)
+
+
+@numba.njit(**_JIT)
+def _ramp_mean(total, start, k, m, t):
+    """Mean of ``v_i = x_(i) - t (2 i + 1 - m)`` (0-based ``i``) over block ``k``: the ramp's mean
+    over ``[s, e)`` is the integer ``s + e - m`` (0 for a block of every entry: its mean is x's)."""
+    s, e = start[k], start[k + 1]
+    return total[k] / (e - s) - t * (s + e - m)
+
+
+@numba.njit(**_JIT)
+def pairwise_solve(x, keys, exists, bits, t, out):
+    """The prox of ``t sum_{p<q} |u_p - u_q|`` over the existing entries of each row of ``x``, from
+    its sorted keys (:func:`pairwise_keys`, each row sorted): into ``out`` (which may be ``x``;
+    absent entries and rows of one entry are copied).
+
+    Per row: the values in key order, then an insertion sort, which only moves values within
+    runs whose keys agree above the index bits (usually of one entry; a merge sort instead once
+    it has shifted more than twice the entries); then pool-adjacent-violators on ``v_i = x_(i) - t (2 i - n - 1)`` in float64
+    (a stack of blocks: their starts, sums of ``x`` and means of ``v``, a block's mean computed
+    from its sum when it forms), and each block's mean written to its entries.
+    """
+    B, n = x.shape
+    low = np.int32((1 << bits) - 1)
+    idx = np.empty(n, np.int64)
+    val = np.empty(n, np.float64)
+    start = np.empty(n + 1, np.int64)
+    total = np.empty(n + 1, np.float64)
+    mean = np.empty(n + 1, np.float64)
+    for b in range(B):
+        e, row, kr, o = exists[b % exists.shape[0]], x[b], keys[b], out[b]
+        m = 0
+        for i in range(n):
+            m += e[i] != 0
+            o[i] = row[i]  # absent entries, and a row of one entry, as they are
+        if m <= 1:
+            continue
+        for i in range(m):
+            j = kr[i] & low
+            idx[i] = j
+            val[i] = row[j]
+        # insertion sort: out of order only within runs of equal keys, which are short (one
+        # shift per entry on average, or a row of near-equal values: then a merge sort)
+        shifts = 0
+        for a in range(1, m):
+            v, j = val[a], idx[a]
+            c = a - 1
+            while c >= 0 and val[c] > v:
+                val[c + 1] = val[c]
+                idx[c + 1] = idx[c]
+                c -= 1
+            val[c + 1] = v
+            idx[c + 1] = j
+            shifts += a - 1 - c
+            if shifts > 2 * m:
+                order = np.argsort(val[:m], kind="mergesort")
+                vs, js = val[:m][order], idx[:m][order]
+                val[:m] = vs
+                idx[:m] = js
+                break
+        top = 0  # blocks [start[k], start[k + 1]): sums of x total[k], means of v mean[k]
+        for i in range(m):
+            start[top] = i
+            total[top] = val[i]
+            mean[top] = val[i] - t * (2 * i + 1 - m)  # (no division for a block of one)
+            top += 1
+            start[top] = i + 1
+            while top > 1 and mean[top - 2] > mean[top - 1]:  # pool the violators
+                total[top - 2] += total[top - 1]
+                start[top - 1] = start[top]
+                top -= 1
+                mean[top - 1] = _ramp_mean(total, start, top - 1, m, t)
+        for k in range(top):
+            for i in range(start[k], start[k + 1]):
+                o[idx[i]] = mean[k]

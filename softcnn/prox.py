@@ -746,6 +746,9 @@ def pairwise_l1_prox(
     if not moved.is_contiguous():
         moved = _scratch(workspace, "rows", moved.shape, x).copy_(moved)
     rows = moved.view(-1, n)
+    if _kernels.runs_on(x) and n <= 2**16:
+        u = _pairwise_compiled(rows, mask if mask is None else m, d, moved.shape, t_float, workspace)
+        return _pairwise_result(u.view(moved.shape).movedim(-1, d), out, workspace)
     keys = rows
     if mask is not None:
         # the mask as 0/1 numbers, at its own size (broadcast, not expanded): on CPU, arithmetic
@@ -772,11 +775,44 @@ def pairwise_l1_prox(
     if mask is not None:  # absent entries, and slices with one entry, are unchanged: u e + x (1 - e)
         e = e * (n_small > 1)
         u.mul_(e).addcmul_(moved, e.neg_().add_(1))
-    u = u.movedim(-1, d)
+    return _pairwise_result(u.movedim(-1, d), out, workspace)
+
+
+def _pairwise_result(u: torch.Tensor, out: torch.Tensor | None, workspace: dict | None) -> torch.Tensor:
     if out is not None:
         return out.copy_(u)
     # a new tensor: u may be the workspace's
     return u.contiguous() if workspace is None else u.clone(memory_format=torch.contiguous_format)
+
+
+def _pairwise_compiled(rows: torch.Tensor, mask: torch.Tensor | None, d: int, shape: torch.Size, t: float,
+                       workspace: dict | None) -> torch.Tensor:
+    """:func:`pairwise_l1_prox` of contiguous ``rows`` ``(B, n)`` on CPU: 32-bit keys
+    (:func:`softcnn._kernels.pairwise_keys`), one NumPy sort, then one compiled pass per row
+    (:func:`softcnn._kernels.pairwise_solve`); ``mask`` as given (broadcastable to the input),
+    ``shape`` the rows' shape before flattening (the input with ``dim`` last)."""
+    B, n = rows.shape
+    a = _kernels.array
+
+    def exists():  # 0/1 per entry of a row, repeating every len(result) rows where it can
+        if mask is None:
+            return torch.ones(1, n, dtype=torch.uint8)
+        e = mask.reshape((1,) * (len(shape) - mask.ndim) + tuple(mask.shape)).movedim(d, -1)
+        lead = 0
+        while lead < e.ndim - 1 and e.shape[lead] == 1:
+            lead += 1
+        e = e[(0,) * lead]  # leading size-1 dimensions: rows repeat with the period of the rest
+        return e.expand(*shape[lead:]).reshape(-1, n).to(torch.uint8)
+
+    present = _cached(workspace, "exists", (mask, tuple(shape), d), exists)
+    bits = _kernels.pairwise_index_bits(n)
+    keys = _scratch(workspace, "keys32", rows.shape, rows, torch.int32)
+    as32 = rows if rows.dtype == torch.float32 else _scratch(workspace, "as32", rows.shape, rows, torch.float32).copy_(rows)
+    _kernels.pairwise_keys(a(as32.view(torch.int32)), a(present), bits, a(keys))
+    a(keys).sort(axis=-1)
+    u = _scratch(workspace, "unsorted", rows.shape, rows)
+    _kernels.pairwise_solve(a(rows), a(keys), a(present), bits, t, a(u))
+    return u
 
 
 # ---------------------------------------------------------------------------

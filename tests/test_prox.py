@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.optimize import minimize
 
+import softcnn._kernels
 import softcnn.prox as P
 from softcnn.prox import (
     group_soft_threshold,
@@ -453,8 +454,10 @@ def test_pairwise_brute_force(seed, n, t, ties):
             assert f0 <= pen.objective(u + scale * rng.standard_normal(n), x, t) + 1e-13
 
 
-@pytest.fixture(params=["hybrid", "stack_only", "passes_only"])
+@pytest.fixture(params=["compiled", "hybrid", "stack_only", "passes_only"])
 def pav_strategy(request, monkeypatch):
+    """The compiled CPU kernel, or the torch code with each of its PAV strategies."""
+    monkeypatch.setattr(softcnn._kernels, "ENABLED", request.param == "compiled")
     if request.param == "stack_only":
         monkeypatch.setattr(P, "_STACK_STEP_OVERHEAD", -(10**9))
     elif request.param == "passes_only":
@@ -496,7 +499,7 @@ def test_pairwise_properties(seed, n, t, dtype):
     assert torch.allclose(pairwise_l1_prox(x.t(), t, dim=1), u.t(), atol=tol, rtol=0)
 
 
-def test_pairwise_large_t_is_the_mean():
+def test_pairwise_large_t_is_the_mean(kernel_backend):
     rng = np.random.default_rng(5)
     for dtype in (torch.float32, torch.float64):
         x = _t(rng.standard_normal((50, 4, 3)) * 3, dtype)
@@ -511,7 +514,7 @@ def test_pairwise_large_t_is_the_mean():
         assert (v != v[:1]).any()
 
 
-def test_pairwise_float32_accumulates_accurately():
+def test_pairwise_float32_accumulates_accurately(kernel_backend):
     """Offset float32 data: block sums must not lose the small differences."""
     g = torch.Generator().manual_seed(10)
     x = (1000 + torch.randn(2000, 3, generator=g)).float()
@@ -522,7 +525,7 @@ def test_pairwise_float32_accumulates_accurately():
         assert torch.allclose(u32.double(), u64, atol=1e-4, rtol=0)
 
 
-def test_pairwise_bigger_input_quick():
+def test_pairwise_bigger_input_quick(kernel_backend):
     x = torch.randn(500, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
     for t in (1e-4, 1e-3, 1e-2):
         u = pairwise_l1_prox(x, t)
@@ -719,3 +722,33 @@ def test_cuda_matches_cpu():
         u = op(x.cuda(), 0.3)
         assert u.device.type == "cuda", name
         assert torch.allclose(u.cpu(), op(x, 0.3), atol=1e-10), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pairwise_compiled_orders_values_its_short_keys_tie(dtype, monkeypatch):
+    """The compiled prox sorts 32-bit keys that keep only the high bits of each value (the index
+    takes the low ones), then orders the runs of equal keys itself: values equal in those bits,
+    in runs short (insertion sort) and long (merge sort), of both signs, with -0.0/+0.0, in float64
+    ones that round to one float32, with and without a mask, give the torch code's result."""
+    g = torch.Generator().manual_seed(23)
+    n = 300  # 9 index bits
+    base = torch.tensor([0.5, -0.25, 0.0, 3.0], dtype=torch.float64)
+    x = base[torch.randint(0, 4, (n, 6), generator=g)]
+    x += torch.randint(-3, 4, (n, 6), generator=g).double() * 2.0**-24  # below a float32 key's resolution
+    x[:50, 0] = 1.0 + torch.randn(50, generator=g).double() * 1e-12  # one long run (float64: one float32)
+    x[:10, 1] = -0.0
+    # a whole column within one key, in random order: the insertion sort gives way to a merge sort
+    x[:, 2] = 0.5 + torch.randint(0, 2**9, (n,), generator=g).double() * 2.0**-24
+    x = x.to(dtype)
+    mask = torch.rand(n, 6, generator=g) < 0.7
+    for t in (1e-9, 1e-7, 1e-4, 10.0):
+        for kw in ({}, {"mask": mask}):
+            monkeypatch.setattr(softcnn._kernels, "ENABLED", True)
+            got = pairwise_l1_prox(x, t, dim=0, **kw)
+            monkeypatch.setattr(softcnn._kernels, "ENABLED", False)
+            expected = pairwise_l1_prox(x, t, dim=0, **kw)
+            # the same block means, summed in another order: sums of up to n terms differ by n eps max|x|
+            tol = n * torch.finfo(torch.float64).eps * float(x.abs().max())
+            if dtype == torch.float32:  # then rounded to float32: one unit of its last place more
+                tol += torch.finfo(dtype).eps * float(x.abs().max())
+            torch.testing.assert_close(got, expected, rtol=0, atol=tol)
