@@ -1,10 +1,11 @@
-"""Fused CPU kernels (numba) for the proximal operators whose eager torch form is memory bound.
+"""Fused CPU kernels (numba) for the steps whose eager torch form is memory or call bound.
 
 An eager torch prox runs one pass over its operands per operation: a dozen passes for one TV
-dual iteration. On CPU each pass costs more than its arithmetic, so the CPU path of
-:func:`softcnn.prox.tv_prox` is one compiled loop per stage here, on NumPy views of the
-tensors' memory (no copy). Other devices keep the torch code in
-:mod:`softcnn.prox`, which these kernels must agree with (tested).
+dual iteration. On CPU each pass costs more than its arithmetic, so the CPU paths of
+:func:`softcnn.prox.tv_prox` and :func:`softcnn.prox.pairwise_l1_prox`, and of a layer whose
+support covers the image (``softcnn.layers._CoveringDense``), are one compiled loop per stage
+here, on NumPy views of the tensors' memory (no copy). Other devices keep the torch code,
+which these kernels must agree with (tested).
 
 Compiled on first use and cached on disk (``cache=True``), by dtype, not by shape.
 """

@@ -715,6 +715,14 @@ def pairwise_l1_prox(
     Total: :math:`O(B n \\log n)` work, :math:`O(B n)` memory and
     :math:`O(n)` Python-level iterations (no :math:`O(n^2)` memory).
 
+    On CPU (float32/float64, ``n <= 2**16``) the same solution is computed by
+    :mod:`softcnn._kernels`: one NumPy sort of 32-bit keys per row (the
+    value's order-preserving float32 bits with the low ``ceil(log2 n)``
+    replaced by the index: ties of these shortened values are put in order
+    by an insertion sort, or a merge sort if they are many), then one
+    compiled pass per row for the isotonic regression (a sequential PAV
+    stack) and the write-back; absent entries are skipped, not padded.
+
     With a ``mask``, a slice with :math:`n_k < n` entries is padded with
     values above all of them by more than :math:`2tn` and :math:`4t` apart
     (so its padding sorts last and never pools with them or with itself) and
