@@ -356,23 +356,22 @@ def tv_group(X, steps, lh, lw, t, stop, n_iter, z, new, y, r, diff, bits, magnit
 
 
 @numba.njit(**_JIT)
-def _flipped_kernels(m, ms, C, Sh, Sw, f0, nf):
-    """``m * ms`` of rows ``f0 .. f0 + nf`` without the bias column, each ``Sh x Sw`` kernel
-    flipped: ``(nf, C Sh Sw)``."""
-    out = np.empty((nf, C * Sh * Sw), m.dtype)
-    for f in range(nf):
+def _flipped_kernels(m, ms, C, Sh, Sw):
+    """``m * ms`` without the bias column, each ``Sh x Sw`` kernel flipped: ``(F, C Sh Sw)``."""
+    out = np.empty((m.shape[0], C * Sh * Sw), m.dtype)
+    for f in range(m.shape[0]):
         for c in range(C):
             for a in range(Sh):
                 for b in range(Sw):
                     k = (c * Sh + Sh - 1 - a) * Sw + Sw - 1 - b
-                    out[f, (c * Sh + a) * Sw + b] = m[f0 + f, k] * ms[k]
+                    out[f, (c * Sh + a) * Sw + b] = m[f, k] * ms[k]
     return out
 
 
 @numba.njit(**_JIT_SUMS)
-def covering_block(m, ms, dev, sc, C, H, W, Lh, Lw, sh, sw, f0, block, bias):
-    """Output channels ``f0 .. f0 + block.shape[1]`` of the weight: ``block[r, f - f0, p]`` for
-    pixel ``r`` (image order) and position ``p``, and the bias row ``bias[f - f0, p]``.
+def covering_block(m, ms, dev, sc, C, H, W, Lh, Lw, sh, sw, block, bias):
+    """The weight: ``block[r, f, p]`` for pixel ``r`` (image order), output channel ``f`` and
+    position ``p``, and the bias row ``bias[f, p]``.
 
     ``m (F, K)`` and ``ms (K,)``: the shared kernels and their scales; ``dev (C H W + 1, F, L)``
     and ``sc (C H W + 1, L)``: the stored deviations and their scales. The entry is
@@ -382,12 +381,12 @@ def covering_block(m, ms, dev, sc, C, H, W, Lh, Lw, sh, sw, f0, block, bias):
     """
     Sh, Sw = H + (Lh - 1) * sh, W + (Lw - 1) * sw
     nf, hw = block.shape[1], H * W
-    mf = _flipped_kernels(m, ms, C, Sh, Sw, f0, nf)
+    mf = _flipped_kernels(m, ms, C, Sh, Sw)
     for r in range(C * hw):
         c, h, w = r // hw, H - 1 - (r % hw) // W, W - 1 - r % W  # the stored row's coordinates
         rs = (c * H + h) * W + w
         for f in range(nf):
-            out, d, s, k = block[r, f], dev[rs, f0 + f], sc[rs], mf[f]
+            out, d, s, k = block[r, f], dev[rs, f], sc[rs], mf[f]
             for i in range(Lh):
                 p, base = i * Lw, (c * Sh + i * sh + h) * Sw + w
                 oo, do, so = out[p : p + Lw], d[p : p + Lw], s[p : p + Lw]
@@ -400,9 +399,9 @@ def covering_block(m, ms, dev, sc, C, H, W, Lh, Lw, sh, sw, f0, block, bias):
                         oo[j] = k[base + j * sw] + do[j] * so[j]
     K, chw = m.shape[1], C * hw
     for f in range(nf):
-        b = m[f0 + f, K - 1] * ms[K - 1]
+        b = m[f, K - 1] * ms[K - 1]
         for p in range(Lh * Lw):
-            bias[f, p] = b + dev[chw, f0 + f, p] * sc[chw, p]
+            bias[f, p] = b + dev[chw, f, p] * sc[chw, p]
 
 
 @numba.njit(**_JIT_SUMS)
@@ -504,11 +503,12 @@ def pairwise_solve(x, keys, exists, bits, t, out):
     its sorted keys (:func:`pairwise_keys`, each row sorted): into ``out`` (which may be ``x``;
     absent entries and rows of one entry are copied).
 
-    Per row: the values in key order, then an insertion sort, which only moves values within
-    runs whose keys agree above the index bits (usually of one entry; a merge sort instead once
-    it has shifted more than twice the entries); then pool-adjacent-violators on ``v_i = x_(i) - t (2 i - n - 1)`` in float64
-    (a stack of blocks: their starts, sums of ``x`` and means of ``v``, a block's mean computed
-    from its sum when it forms), and each block's mean written to its entries.
+    Per row of ``m`` existing entries: the values in key order, then an insertion sort, which
+    only moves values within runs whose keys agree above the index bits (usually of one entry;
+    a merge sort instead once it has shifted more than twice the entries); then
+    pool-adjacent-violators on ``v_i = x_(i) - t (2 i + 1 - m)`` (0-based ``i``) in float64 (a
+    stack of blocks: their starts, sums of ``x`` and means of ``v``, a block's mean computed from
+    its sum when it forms), and each block's mean written to its entries.
     """
     B, n = x.shape
     low = np.int32((1 << bits) - 1)

@@ -380,14 +380,14 @@ class _CoveringDense(torch.autograd.Function):
     def forward(x, deviation, shared, shared_scale, scale, geometry, compiled):
         C, H, W, Lh, Lw, _, _ = geometry
         chw, n, Fo, L = C * H * W, x.shape[0], shared.shape[0], Lh * Lw
-        fc = _CoveringDense._chunk(deviation, geometry)
         out = x.new_empty(n, Fo * L)
         if compiled:  # the block kept whole (see SoftConv2d.forward), rows in image order, bias apart
             a, block, bias = _kernels.array, deviation.new_empty(chw, Fo, L), deviation.new_empty(Fo * L)
             _kernels.covering_block(a(shared), a(shared_scale), a(deviation), a(scale.view(chw + 1, L)), *geometry,
-                                    0, a(block), a(bias.view(Fo, L)))
+                                    a(block), a(bias.view(Fo, L)))
             torch.addmm(bias, x.reshape(n, chw), block.view(chw, -1), out=out)
             return out.view(n, Fo, Lh, Lw), block, None  # None: the backward reads x as it is
+        fc = _CoveringDense._chunk(deviation, geometry)
         m = shared * shared_scale
         x1 = torch.cat([x.flip(2, 3).reshape(n, chw), x.new_ones(n, 1)], dim=1)  # the backward's too
         work = deviation.new_empty((chw + 1) * fc * L)
