@@ -127,12 +127,12 @@ def best_times(fns, repeats, device, min_time=0.2, max_repeats=50, slow=3.0) -> 
         return CLOCK() - t0
 
     first = [timed(fn) for fn in fns]  # warm-up
-    times = [[t] if t > slow else [] for t in first]
-    wanted = [1 if t > slow else repeats for t in first]
+    times = [[t] if t > slow else [] for t in first]  # a slow warm-up counts as a sample
+    wanted = [2 if t > slow else repeats for t in first]
     start = time.perf_counter()
     while True:
-        active = [i for i, fn in enumerate(fns)
-                  if len(times[i]) < wanted[i] + (first[i] > slow)
+        active = [i for i in range(len(fns))
+                  if len(times[i]) < wanted[i]
                   or (first[i] <= slow and time.perf_counter() - start < min_time and len(times[i]) < max_repeats)]
         if not active:
             return [min(t) for t in times]

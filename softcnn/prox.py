@@ -755,7 +755,7 @@ def pairwise_l1_prox(
         moved = _scratch(workspace, "rows", moved.shape, x).copy_(moved)
     rows = moved.view(-1, n)
     if _kernels.runs_on(x) and n <= 2**16:
-        u = _pairwise_compiled(rows, mask if mask is None else m, d, moved.shape, t_float, workspace)
+        u = _pairwise_compiled(rows, None if mask is None else m, d, moved.shape, t_float, workspace)
         return _pairwise_result(u.view(moved.shape).movedim(-1, d), out, workspace)
     keys = rows
     if mask is not None:
@@ -815,7 +815,9 @@ def _pairwise_compiled(rows: torch.Tensor, mask: torch.Tensor | None, d: int, sh
     present = _cached(workspace, "exists", (mask, tuple(shape), d), exists)
     bits = _kernels.pairwise_index_bits(n)
     keys = _scratch(workspace, "keys32", rows.shape, rows, torch.int32)
-    as32 = rows if rows.dtype == torch.float32 else _scratch(workspace, "as32", rows.shape, rows, torch.float32).copy_(rows)
+    as32 = rows  # the keys read float32 bits: float64 rows rounded first (rounding keeps the order)
+    if rows.dtype != torch.float32:
+        as32 = _scratch(workspace, "as32", rows.shape, rows, torch.float32).copy_(rows)
     _kernels.pairwise_keys(a(as32.view(torch.int32)), a(present), bits, a(keys))
     a(keys).sort(axis=-1)
     u = _scratch(workspace, "unsorted", rows.shape, rows)
