@@ -34,7 +34,7 @@ def runs_on(x: torch.Tensor) -> bool:
     functorch = torch._C._functorch
     return (
         ENABLED
-        and x.device.type == "cpu"
+        and x.is_cpu
         and x.dtype in (torch.float32, torch.float64)
         and not functorch.is_functorch_wrapped_tensor(x)
         and not functorch.is_legacy_batchedtensor(x)
@@ -369,9 +369,9 @@ def _flipped_kernels(m, ms, C, Sh, Sw):
 
 
 @numba.njit(**_JIT_SUMS)
-def covering_block(m, ms, dev, sc, C, H, W, Lh, Lw, sh, sw, block, bias):
-    """The weight: ``block[r, f, p]`` for pixel ``r`` (image order), output channel ``f`` and
-    position ``p``, and the bias row ``bias[f, p]``.
+def covering_block(m, ms, dev, sc, C, H, W, Lh, Lw, sh, sw, block):
+    """The weight ``block (C H W + 1, F, L)``: ``block[r, f, p]`` for pixel ``r`` (image order),
+    output channel ``f`` and position ``p``, the bias row last.
 
     ``m (F, K)`` and ``ms (K,)``: the shared kernels and their scales; ``dev (C H W + 1, F, L)``
     and ``sc (C H W + 1, L)``: the stored deviations and their scales. The entry is
@@ -401,7 +401,7 @@ def covering_block(m, ms, dev, sc, C, H, W, Lh, Lw, sh, sw, block, bias):
     for f in range(nf):
         b = m[f, K - 1] * ms[K - 1]
         for p in range(Lh * Lw):
-            bias[f, p] = b + dev[chw, f, p] * sc[chw, p]
+            block[chw, f, p] = b + dev[chw, f, p] * sc[chw, p]
 
 
 @numba.njit(**_JIT_SUMS)

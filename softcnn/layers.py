@@ -358,14 +358,8 @@ class _CoveringDense(torch.autograd.Function):
     autograd node for ``m``). Blocks over ``_SAVED_BLOCK_BYTES`` are built
     by chunks of output channels and rebuilt in the backward.
 
-    With ``compiled`` (CPU tensors outside torch.func transforms, a block
-    kept whole: see :meth:`SoftConv2d.forward`) the block is built by one
-    compiled pass (:func:`softcnn._kernels.covering_block`) with its rows
-    in the image's order and the bias apart, ``x W[:-1] + b``: no flipped
-    copy of the input or of its gradient, no column of ones; the weight
-    gradient is reduced, flipped and scaled by one more
-    (:func:`softcnn._kernels.covering_adjoint`). That removes most of the
-    per-call cost, which at 8x8 is as large as the GEMMs'.
+    On CPU, :class:`_CoveringDenseCompiled` builds the block and reduces
+    its gradient by compiled passes instead.
     """
 
     @staticmethod
@@ -377,16 +371,10 @@ class _CoveringDense(torch.autograd.Function):
         return Fo if Fo * per_channel <= _SAVED_BLOCK_BYTES else max(1, _CHUNK_BYTES // per_channel)
 
     @staticmethod
-    def forward(x, deviation, shared, shared_scale, scale, geometry, compiled):
+    def forward(x, deviation, shared, shared_scale, scale, geometry):
         C, H, W, Lh, Lw, _, _ = geometry
         chw, n, Fo, L = C * H * W, x.shape[0], shared.shape[0], Lh * Lw
         out = x.new_empty(n, Fo * L)
-        if compiled:  # the block kept whole (see SoftConv2d.forward), rows in image order, bias apart
-            a, block, bias = _kernels.array, deviation.new_empty(chw, Fo, L), deviation.new_empty(Fo * L)
-            _kernels.covering_block(a(shared), a(shared_scale), a(deviation), a(scale.view(chw + 1, L)), *geometry,
-                                    a(block), a(bias.view(Fo, L)))
-            torch.addmm(bias, x.reshape(n, chw), block.view(chw, -1), out=out)
-            return out.view(n, Fo, Lh, Lw), block, None  # None: the backward reads x as it is
         fc = _CoveringDense._chunk(deviation, geometry)
         m = shared * shared_scale
         x1 = torch.cat([x.flip(2, 3).reshape(n, chw), x.new_ones(n, 1)], dim=1)  # the backward's too
@@ -404,11 +392,10 @@ class _CoveringDense(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, deviation, shared, shared_scale, scale, geometry, compiled = inputs
-        ctx.compiled = compiled
-        ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
+        x, deviation, shared, shared_scale, scale, geometry = inputs
+        ctx.mark_non_differentiable(output[1], output[2])
         ctx.set_materialize_grads(False)  # the block gets no gradient: no full-size zeros for it
-        ctx.save_for_backward(deviation, shared, shared_scale, scale, output[1], x if ctx.compiled else output[2])
+        ctx.save_for_backward(deviation, shared, shared_scale, scale, output[1], output[2])
         ctx.geometry = geometry
 
     @staticmethod
@@ -416,8 +403,6 @@ class _CoveringDense(torch.autograd.Function):
     def backward(ctx, grad_out, _, __):
         # Runs under torch.func.vmap in stacked fits: batchable ops only, in place only on own tensors.
         deviation, shared, shared_scale, scale, saved, x1 = ctx.saved_tensors
-        if ctx.compiled:
-            return _CoveringDense._compiled_backward(ctx, grad_out, shared, shared_scale, scale, saved, x1)
         C, H, W, Lh, Lw, _, _ = geometry = ctx.geometry
         chw, n, Fo, L = C * H * W, x1.shape[0], shared.shape[0], Lh * Lw
         g = grad_out.reshape(n, -1)
@@ -440,7 +425,7 @@ class _CoveringDense(torch.autograd.Function):
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             grad_w = x1.T.mm(g).view(chw + 1, -1, L)  # (C H W + 1, F, L), the bias row last
             grad_d, grad_m = _CoveringDense._parameter_grads(ctx, grad_w, shared_scale, scale)
-        return grad_x, grad_d, grad_m, None, None, None, None
+        return grad_x, grad_d, grad_m, None, None, None
 
     @staticmethod
     def _parameter_grads(ctx, grad_w, shared_scale, scale):
@@ -454,35 +439,9 @@ class _CoveringDense(torch.autograd.Function):
         return grad_d, grad_m
 
     @staticmethod
-    def _compiled_backward(ctx, grad_out, shared, shared_scale, scale, block, x):
-        """The backward of the compiled forward: ``block`` has its rows in image order and ``x`` is
-        the input, as it is."""
-        C, H, W, Lh, Lw, _, _ = geometry = ctx.geometry
-        chw, n, Fo, L = C * H * W, x.shape[0], shared.shape[0], Lh * Lw
-        g = grad_out.reshape(n, -1)
-        grad_x = grad_d = grad_m = None
-        if ctx.needs_input_grad[0]:
-            grad_x = g.mm(block.view(chw, -1).T).view(x.shape)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            xr = x.reshape(n, chw)
-            if _kernels.runs_on(g):
-                grad_w = g.new_empty(chw + 1, Fo, L)  # pixels in image order, the bias row by the kernel
-                torch.mm(xr.T, g, out=grad_w[:chw].view(chw, -1))
-                a, grad_m = _kernels.array, g.new_empty(shared.shape)
-                _kernels.covering_adjoint(a(grad_w), a(g), a(shared_scale), a(scale.view(chw + 1, L)), *geometry,
-                                          a(grad_m))
-                grad_d = grad_w if ctx.needs_input_grad[1] else None
-                grad_m = grad_m if ctx.needs_input_grad[2] else None
-            else:  # a batched backward (is_grads_batched): out= has no vmap rule; the rows flipped as stored
-                grad_w = xr.T.mm(g).view(C, H, W, Fo, L).flip(1, 2).reshape(chw, Fo, L)
-                stored = torch.cat([grad_w, g.sum(0).view(1, Fo, L)])
-                grad_d, grad_m = _CoveringDense._parameter_grads(ctx, stored, shared_scale, scale)
-        return grad_x, grad_d, grad_m, None, None, None, None
-
-    @staticmethod
-    def vmap(info, in_dims, x, deviation, shared, shared_scale, scale, geometry, compiled):
+    def vmap(info, in_dims, x, deviation, shared, shared_scale, scale, geometry):
         return _vmap_per_model(_CoveringDense.apply, info, in_dims, x, deviation, shared, shared_scale, scale,
-                               geometry, False)
+                               geometry)
 
 
 class _CoveringDenseEager(_CoveringDense):
@@ -497,6 +456,66 @@ class _CoveringDenseEager(_CoveringDense):
         output = _CoveringDense.forward(*inputs)
         _CoveringDense.setup_context(ctx, inputs, output)
         return output
+
+
+class _CoveringDenseCompiled(torch.autograd.Function):
+    """:class:`_CoveringDense` by compiled passes: plain CPU tensors outside torch.func transforms,
+    a block kept whole (see :meth:`SoftConv2d.forward`).
+
+    One pass (:func:`softcnn._kernels.covering_block`) builds the block
+    with its rows in the image's order and the bias apart, so the forward
+    is ``x W + b`` on the input as it is: no flipped copy of the input or
+    of its gradient, no column of ones. One more
+    (:func:`softcnn._kernels.covering_adjoint`) reduces, flips and scales
+    the weight gradient. With one output and only what the backward reads
+    saved, its per-call cost is the least: at 8x8 that cost is as large as
+    the GEMMs'.
+    """
+
+    @staticmethod
+    def forward(ctx, x, deviation, shared, shared_scale, scale, geometry):
+        C, H, W, Lh, Lw, _, _ = geometry
+        chw, n, Fo, L = C * H * W, x.shape[0], shared.shape[0], Lh * Lw
+        a, block = _kernels.array, deviation.new_empty(chw + 1, Fo, L)  # the bias row last
+        _kernels.covering_block(a(shared), a(shared_scale), a(deviation), a(scale.view(chw + 1, L)), *geometry,
+                                a(block))
+        ctx.geometry = geometry
+        ctx.save_for_backward(x, block, shared_scale, scale)  # block: an intermediate, without a graph
+        return torch.addmm(block[chw].view(-1), x.reshape(n, chw), block[:chw].view(chw, -1)).view(n, Fo, Lh, Lw)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if torch.is_grad_enabled():  # create_graph=True: once_differentiable's error on a double backward
+            return _CoveringDenseCompiled._once_differentiable(ctx, grad_out)
+        return _CoveringDenseCompiled._backward(ctx, grad_out)  # (its no_grad() costs 4 us per call)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
+        x, block, shared_scale, scale = ctx.saved_tensors
+        C, H, W, Lh, Lw, _, _ = geometry = ctx.geometry
+        chw, n, L = C * H * W, x.shape[0], Lh * Lw
+        Fo = block.shape[1]
+        g = grad_out.reshape(n, -1)
+        grad_x = grad_d = grad_m = None
+        if ctx.needs_input_grad[0]:
+            grad_x = g.mm(block[:chw].view(chw, -1).T).view(x.shape)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            xr = x.reshape(n, chw)
+            if _kernels.runs_on(g):
+                grad_w = g.new_empty(chw + 1, Fo, L)  # pixels in image order, the bias row by the kernel
+                torch.mm(xr.T, g, out=grad_w[:chw].view(chw, -1))
+                a, grad_m = _kernels.array, g.new_empty(Fo, shared_scale.shape[0])
+                _kernels.covering_adjoint(a(grad_w), a(g), a(shared_scale), a(scale.view(chw + 1, L)), *geometry,
+                                          a(grad_m))
+                grad_d = grad_w if ctx.needs_input_grad[1] else None
+                grad_m = grad_m if ctx.needs_input_grad[2] else None
+            else:  # a batched backward (is_grads_batched): out= has no vmap rule; the rows flipped as stored
+                grad_w = xr.T.mm(g).view(C, H, W, Fo, L).flip(1, 2).reshape(chw, Fo, L)
+                stored = torch.cat([grad_w, g.sum(0).view(1, Fo, L)])
+                grad_d, grad_m = _CoveringDense._parameter_grads(ctx, stored, shared_scale, scale)
+        return grad_x, grad_d, grad_m, None, None, None
+
+    _once_differentiable = staticmethod(once_differentiable(_backward))  # the saved block carries no graph
 
 
 class SoftConv2d(nn.Module):
@@ -1006,14 +1025,15 @@ class SoftConv2d(nn.Module):
     # --------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._one_gemm:
-            args = (x, self.deviation, self.shared, self.shared_scale, self._stored_scale())
+            d = self.deviation
+            args = (x, d, self.shared, self.shared_scale, self._stored_scale(), self._geometry)
             if torch._C._are_functorch_transforms_active():  # its vmap rule runs the torch code
-                return _CoveringDense.apply(*args, self._geometry, False)[0]
+                return _CoveringDense.apply(*args)[0]
             # (the buffers follow the parameters' device and dtype)
-            compiled = (_kernels.runs_on(x) and _kernels.runs_on(self.deviation)
-                        and x.dtype == self.deviation.dtype == self.shared.dtype
-                        and _CoveringDense._chunk(self.deviation, self._geometry) == self.out_channels)
-            return _CoveringDenseEager.apply(*args, self._geometry, compiled)[0]
+            if (_kernels.runs_on(x) and _kernels.runs_on(d) and x.dtype == d.dtype == args[2].dtype
+                    and _CoveringDense._chunk(d, self._geometry) == self.out_channels):
+                return _CoveringDenseCompiled.apply(*args)
+            return _CoveringDenseEager.apply(*args)[0]
         n = x.shape[0]
         ah, aw = self._tiles
         Th, Tw, th, tw = ah.n_tiles, aw.n_tiles, ah.length, aw.length

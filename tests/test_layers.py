@@ -574,11 +574,14 @@ def test_full_layer_loads_old_layout_state_dicts_and_round_trips():
     assert layer.deviation.grad is None and layer.shared.grad is not None
 
 
-def test_covering_layer_refuses_a_double_backward():
-    """Its hand-written backward reads a saved block without a graph: second derivatives raise."""
+def test_covering_layer_refuses_a_double_backward(kernel_backend):
+    """Its hand-written backward reads a saved block without a graph: second derivatives raise,
+    and the first ones, taken with ``create_graph``, are those of a plain backward."""
     layer = SoftConv2d(1, 2, 3, (5, 5), padding="same", support="full", dtype=torch.float64)
     x = torch.randn(3, 1, 5, 5, dtype=torch.float64, requires_grad=True)
+    (plain,) = torch.autograd.grad(layer(x).pow(2).sum(), x)
     (g,) = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
+    torch.testing.assert_close(g, plain, rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="twice"):
         g.pow(2).sum().backward()
 
