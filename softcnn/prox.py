@@ -1111,8 +1111,13 @@ def tv_prox(
         z, new = new, z
     # no projection of the start: the first iterate is projected, and there is no momentum before
     # it (the usual start, the last call's dual, is feasible already)
+    # the dual this workspace last returned, unchanged and for the same mask, is 0 on the masked
+    # edges already (the mask is a multiply over the whole dual: 7% of a warm group solve)
+    last = None if workspace is None else workspace.get("masked_dual")
+    masked = dual is None or keep is None or (
+        last is not None and last[0] is keep and last[1:] == (dual.data_ptr(), dual.shape, dual._version))
     z = z.zero_() if dual is None else z.copy_(dual)
-    if kind == "group" and keep is not None and dual is not None:
+    if not masked:
         z.view(n_e, *view).mul_(keep)
     ra = buffer("r", X.shape)
     n_loop = int(n_iter)
@@ -1229,6 +1234,8 @@ def tv_prox(
     u = residual(z, X, out.view(X.shape) if direct else torch.empty_like(X)).view(shape)
     if out is not None and not direct:
         u = out.copy_(u)
+    if keep is not None and workspace is not None:
+        workspace["masked_dual"] = (keep, z.data_ptr(), z.shape, z._version)
     return (u, z) if return_dual else u
 
 

@@ -432,6 +432,11 @@ def test_tv_workspace_and_out_give_the_plain_result(kind, kernel_backend):
         assert any(dual_ws.data_ptr() == b.data_ptr() for b in scratch_buffers(ws))  # the dual is kept there
     assert not torch.equal(u[~mask.expand_as(u)], torch.zeros(()))
     assert torch.equal(u[~mask.expand_as(u)], x[~mask.expand_as(u)])  # absent entries unchanged
+    # the workspace's own dual is taken as masked already, but not once changed in place
+    dual_ws.add_(1.0)
+    start = dual_ws.clone()
+    v = tv_prox(x, 0.2, (4, 5), kind=kind, mask=mask, dual=dual_ws, workspace=ws)
+    assert torch.equal(v, tv_prox(x, 0.2, (4, 5), kind=kind, mask=mask, dual=start))
     # a non-contiguous out, and a workspace of another dtype is replaced, not reused
     out = torch.empty(3, 4, 20, dtype=torch.float64).permute(2, 0, 1)
     assert tv_prox(x, 0.2, (4, 5), kind=kind, mask=mask, out=out) is out
