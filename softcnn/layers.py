@@ -463,9 +463,9 @@ class _CoveringDenseCompiled(torch.autograd.Function):
     a block kept whole (see :meth:`SoftConv2d.forward`).
 
     One pass (:func:`softcnn._kernels.covering_block`) builds the block
-    with its rows in the image's order and the bias apart, so the forward
-    is ``x W + b`` on the input as it is: no flipped copy of the input or
-    of its gradient, no column of ones. One more
+    with its rows in the image's order and the bias row last, so the
+    forward is ``addmm(b, x, W)`` on the input as it is: no flipped copy
+    of the input or of its gradient, no column of ones. One more
     (:func:`softcnn._kernels.covering_adjoint`) reduces, flips and scales
     the weight gradient. With one output and only what the backward reads
     saved, its per-call cost is the least: at 8x8 that cost is as large as
