@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import torch
 
+from . import _kernels
 from . import prox as _prox
 from .layers import SoftConv2d, _stored_adjoint, _stored_kernels, _vmap_per_model
 
@@ -363,6 +364,24 @@ def _write_tied(layer: SoftConv2d, w_new: torch.Tensor, m_new: torch.Tensor) -> 
     layer.set_stored_kernels(w_new)
 
 
+@torch.no_grad()
+def _soft_threshold_stored(layer: SoftConv2d, thr: torch.Tensor, m_new: torch.Tensor) -> bool:
+    """Store ``soft_threshold(w, thr)`` (``w = m + d``, ``thr`` ``(K,)`` per kernel entry) with the
+    new shared kernels ``m_new``, in one compiled pass over a compact storage of CPU float tensors
+    (:func:`softcnn._kernels.stored_soft_threshold`): what :func:`_write_tied` stores from the
+    prox of ``stored_kernels()`` in five passes. False (nothing done) for other layers."""
+    d, scale, shared, geometry = layer.deviation, layer.deviation_scale, layer.shared, layer.stored_geometry
+    if geometry is None or not _kernels.runs_on(d):
+        return False
+    m = layer.shared_kernel()
+    shared.copy_(m_new / layer.shared_scale)
+    neg_m = -(layer.shared_kernel() / scale)  # set_stored_kernels' m / c, for the m now stored
+    a = _kernels.array
+    _kernels.stored_soft_threshold(a(d), a(m), a(neg_m), a(scale), a(thr), *geometry)
+    torch.autograd.graph.increment_version(d)  # written through NumPy: autograd must see the change
+    return True
+
+
 def _masked(layer: SoftConv2d, t: torch.Tensor) -> torch.Tensor:
     """``t`` (in the layout of ``deviation``) with absent entries zeroed, in place."""
     exists = layer.stored_exists()
@@ -684,11 +703,13 @@ class LocalityL1(_NonSmooth, _ProfiledPenalty):
 
     @torch.no_grad()
     def prox(self, layer, step):
-        w = layer.stored_kernels(out=self._stored_work(layer))
         t = _dev_step(layer, step)
+        m_new = _prox.soft_threshold(layer.shared_kernel(), t, self.weights(layer))
+        if _soft_threshold_stored(layer, t * self.weights(layer), m_new):
+            return
+        w = layer.stored_kernels(out=self._stored_work(layer))
         _write_tied(layer, _prox.soft_threshold(w, t, self.stored_weights(layer), out=w,
-                                                workspace=self._state(layer).setdefault("workspace", {})),
-                    _prox.soft_threshold(layer.shared_kernel(), t, self.weights(layer)))
+                                                workspace=self._state(layer).setdefault("workspace", {})), m_new)
 
 
 def ring_groups(layer: SoftConv2d, full: bool = False) -> torch.Tensor:

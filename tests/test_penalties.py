@@ -186,9 +186,10 @@ def _kernel_view_twin(layer):
 
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("key", [(s, k) for s, table in _REGISTRY.items() for k in table])
-def test_penalties_see_a_full_layer_the_same_whatever_its_storage(key, stride):
+def test_penalties_see_a_full_layer_the_same_whatever_its_storage(key, stride, kernel_backend):
     """Values, proxes and finalize on the compact 'full' storage equal those on (L, F, K) storage:
-    to float64 rounding (the penalties sum in each storage's order), with the same exact zeros."""
+    to float64 rounding (the penalties sum in each storage's order), with the same exact zeros;
+    on the compact storage's compiled passes (locality l1) and on the torch code alike."""
     strength, option = key
     pen = _REGISTRY[strength][option].from_params(SoftConvRegressor().get_params())
     g = torch.Generator().manual_seed(8)

@@ -14,6 +14,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from backends import backend
 from plain_penalties import plain_l2_grid
 from sklearn.exceptions import ConvergenceWarning
 from test_proximal import random_layer
@@ -22,8 +23,10 @@ import softcnn._kernels
 import softcnn.prox
 from softcnn import SoftConvRegressor
 from softcnn.datasets import make_soft_conv_data
+from softcnn.layers import SoftConv2d
 from softcnn.penalties import (
     LocalityFullRings,
+    LocalityL1,
     LocalityRings,
     SparsityTL1,
     TyingGroupGrid,
@@ -49,6 +52,36 @@ def scratch_buffers(workspace):
 
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
+
+
+# ------------------------------------------------------ compact ('full') storage
+@pytest.mark.parametrize("stride", [1, 2])
+def test_locality_l1_compiled_pass_on_a_compact_storage_is_the_torch_prox(stride):
+    """On a 'full' layer in float32, with per-entry scales, the one compiled pass of the locality
+    l1 prox stores what the torch code's five passes store (to float32 rounding, the same
+    thresholded entries), moves the shared kernels alike, and bumps the parameter's version
+    (written through NumPy: autograd must see an in-place change)."""
+    g = _gen(3)
+    layer = SoftConv2d(2, 3, 3, (6, 5), padding="same", support="full", stride=stride, generator=g)
+    K = layer.mask.shape[1]
+    with torch.no_grad():
+        layer.shared.normal_(generator=g)
+        layer.deviation.normal_(0.0, 0.3, generator=g)
+    layer.set_scales(torch.linspace(0.5, 1.5, K), torch.linspace(2.0, 0.25, K))
+    twin = copy.deepcopy(layer)
+    pen = LocalityL1.from_params(SoftConvRegressor().get_params())
+    version, step = layer.deviation._version, 5.0 / stride**2  # (the prox step is step / positions)
+    with backend("compiled"):
+        pen.prox(layer, step)
+    with backend("torch"):
+        pen.prox(twin, step)
+    assert layer.deviation._version > version
+    w, w_twin = layer.kernels().detach(), twin.kernels().detach()
+    exists = layer.mask.unsqueeze(1).expand_as(w)
+    assert 0.2 < float((w[exists] == 0).float().mean()) < 0.8  # the threshold bites, not everywhere
+    assert torch.equal(w == 0, w_twin == 0)
+    torch.testing.assert_close(w, w_twin, rtol=1e-6, atol=1e-6)
+    assert torch.equal(layer.shared_kernel(), twin.shared_kernel())
 
 
 # ------------------------------------------------------------------ tv_prox
