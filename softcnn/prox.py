@@ -1043,6 +1043,7 @@ def tv_prox(
         if compiled and z.is_contiguous() and X.is_contiguous() and out.is_contiguous():
             a = _kernels.array
             _kernels.residual(a(X.view(lh * lw, c)), a(z), lh, lw, a(out.view(lh * lw, c)))
+            torch.autograd.graph.increment_version(out)  # (it may be a parameter: autograd must see the write)
             return out
         zh, zv = z[:n_h].view(lh, lw - 1, c), z[n_h:].view(lh - 1, lw, c)
         torch.sub(X[:, 1:], zh, out=out[:, 1:])  # (no copy of X first: one pass less)

@@ -163,9 +163,11 @@ def test_tying_tv_prox_in_the_parameter_matches_the_kernel_view(pen_cls, kernel_
         t = 0.5 * float(scales.max()) ** 2 / layer.n_positions
         ref = tv_prox(d, t, layer.output_shape, kind=pen_cls.kind, mask=layer.mask.unsqueeze(1),
                       n_iter=5000, tol=0.0)
+        version = layer.deviation._version
         pen_cls().prox(layer, 0.5)
         torch.testing.assert_close(layer.deviations().detach(), ref, atol=1e-9, rtol=0)
         assert torch.equal(layer.deviation[absent], stored)  # absent entries keep their values
+        assert layer.deviation._version > version  # a write autograd sees, compiled or not
 
 
 def test_tying_group_tv_cache_follows_dtype():
