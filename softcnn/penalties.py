@@ -703,9 +703,9 @@ class LocalityL1(_NonSmooth, _ProfiledPenalty):
 
     @torch.no_grad()
     def prox(self, layer, step):
-        t = _dev_step(layer, step)
-        m_new = _prox.soft_threshold(layer.shared_kernel(), t, self.weights(layer))
-        if _soft_threshold_stored(layer, t * self.weights(layer), m_new):
+        t, g = _dev_step(layer, step), self.weights(layer)
+        m_new = _prox.soft_threshold(layer.shared_kernel(), t, g)
+        if _soft_threshold_stored(layer, t * g, m_new):
             return
         w = layer.stored_kernels(out=self._stored_work(layer))
         _write_tied(layer, _prox.soft_threshold(w, t, self.stored_weights(layer), out=w,
