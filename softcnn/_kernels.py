@@ -551,12 +551,13 @@ def pairwise_solve(x, keys, exists, bits, t, out):
     its sorted keys (:func:`pairwise_keys`, each row sorted): into ``out`` (which may be ``x``;
     absent entries and rows of one entry are copied).
 
-    Per row of ``m`` existing entries: the values in key order, then an insertion sort, which
-    only moves values within runs whose keys agree above the index bits (usually of one entry;
-    a merge sort instead once it has shifted more than twice the entries); then
+    Per row of ``m`` existing entries: the values gathered in key order by an insertion sort,
+    which only moves values within runs whose keys agree above the index bits (usually of one
+    entry; a merge sort instead once it has shifted more than twice the entries); then
     pool-adjacent-violators on ``v_i = x_(i) - t (2 i + 1 - m)`` (0-based ``i``) in float64 (a
     stack of blocks: their starts, sums of ``x`` and means of ``v``, a block's mean computed from
-    its sum when it forms), and each block's mean written to its entries.
+    its sum when it forms), and each block's mean written to its entries; ``v`` itself where
+    nothing pooled (one pass, no blocks).
     """
     B, n = x.shape
     low = np.int32((1 << bits) - 1)
@@ -573,15 +574,13 @@ def pairwise_solve(x, keys, exists, bits, t, out):
             o[i] = row[i]  # absent entries, and a row of one entry, as they are
         if m <= 1:
             continue
-        for i in range(m):
-            j = kr[i] & low
-            idx[i] = j
-            val[i] = row[j]
-        # insertion sort: out of order only within runs of equal keys, which are short (one
-        # shift per entry on average, or a row of near-equal values: then a merge sort)
+        # gathered in key order, each value inserted in place: out of order only within runs of
+        # equal keys, which are short (one shift per entry on average, or a row of near-equal
+        # values: then a merge sort)
         shifts = 0
-        for a in range(1, m):
-            v, j = val[a], idx[a]
+        for a in range(m):
+            j = kr[a] & low
+            v = row[j]
             c = a - 1
             while c >= 0 and val[c] > v:
                 val[c + 1] = val[c]
@@ -591,23 +590,35 @@ def pairwise_solve(x, keys, exists, bits, t, out):
             idx[c + 1] = j
             shifts += a - 1 - c
             if shifts > 2 * m:
+                for r in range(a + 1, m):
+                    idx[r] = kr[r] & low
+                    val[r] = row[idx[r]]
                 order = np.argsort(val[:m], kind="mergesort")
                 vs, js = val[:m][order], idx[:m][order]
                 val[:m] = vs
                 idx[:m] = js
                 break
         top = 0  # blocks [start[k], start[k + 1]): sums of x total[k], means of v mean[k]
+        pooled = False
         for i in range(m):
+            vi = val[i] - t * (2 * i + 1 - m)  # (no division for a block of one)
             start[top] = i
             total[top] = val[i]
-            mean[top] = val[i] - t * (2 * i + 1 - m)  # (no division for a block of one)
+            mean[top] = vi
             top += 1
-            start[top] = i + 1
-            while top > 1 and mean[top - 2] > mean[top - 1]:  # pool the violators
-                total[top - 2] += total[top - 1]
-                start[top - 1] = start[top]
-                top -= 1
-                mean[top - 1] = _ramp_mean(total, start, top - 1, m, t)
+            if top > 1 and mean[top - 2] > vi:  # pool the violators
+                pooled = True
+                start[top] = i + 1
+                while top > 1 and mean[top - 2] > mean[top - 1]:
+                    total[top - 2] += total[top - 1]
+                    start[top - 1] = start[top]
+                    top -= 1
+                    mean[top - 1] = _ramp_mean(total, start, top - 1, m, t)
+        if not pooled:  # every block is one entry
+            for i in range(m):
+                o[idx[i]] = mean[i]
+            continue
+        start[top] = m
         for k in range(top):
             for i in range(start[k], start[k + 1]):
                 o[idx[i]] = mean[k]

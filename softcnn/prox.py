@@ -811,7 +811,8 @@ def _pairwise_compiled(rows: torch.Tensor, mask: torch.Tensor | None, d: int, sh
         while lead < e.ndim - 1 and e.shape[lead] == 1:
             lead += 1
         e = e[(0,) * lead]  # leading size-1 dimensions: rows repeat with the period of the rest
-        return e.expand(*shape[lead:]).reshape(-1, n).to(torch.uint8)
+        # (row-major: the kernels read it along rows; a transposed mask keeps its strides otherwise)
+        return e.expand(*shape[lead:]).reshape(-1, n).to(torch.uint8, memory_format=torch.contiguous_format)
 
     present = _cached(workspace, "exists", (mask, tuple(shape), d), exists)
     bits = _kernels.pairwise_index_bits(n)

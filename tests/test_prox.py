@@ -752,3 +752,29 @@ def test_pairwise_compiled_orders_values_its_short_keys_tie(dtype, monkeypatch):
             if dtype == torch.float32:  # then rounded to float32: one unit of its last place more
                 tol += torch.finfo(dtype).eps * float(x.abs().max())
             torch.testing.assert_close(got, expected, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pairwise_without_pooling_is_the_ramp(kernel_backend, dtype):
+    """Below half the smallest gap between existing values nothing pools: the prox is the ramp
+    ``x_p - t (2 rank_p - m - 1)`` per slice of ``m`` existing entries (the compiled path writes it
+    without building blocks), and absent entries keep their values."""
+    g = torch.Generator().manual_seed(31)
+    n, cols = 200, 5
+    x = torch.randn(n, cols, generator=g, dtype=torch.float64)
+    mask = torch.rand(n, cols, generator=g) < 0.6
+    mask[:, 0] = True
+    xs = x.sort(0).values
+    t = float((xs[1:] - xs[:-1]).min()) / 4
+    x = x.to(dtype)
+    got = pairwise_l1_prox(x, t, dim=0, mask=mask).double()
+    xd = x.double()
+    for j in range(cols):
+        e = mask[:, j]
+        m = int(e.sum())
+        rank = torch.empty(m, dtype=torch.float64)
+        rank[xd[e, j].argsort()] = torch.arange(1, m + 1, dtype=torch.float64)
+        ramp = xd[e, j] - t * (2 * rank - m - 1)
+        tol = 4 * torch.finfo(dtype).eps * float(xd.abs().max())
+        torch.testing.assert_close(got[e, j], ramp, rtol=0, atol=tol)
+        assert torch.equal(got[~e, j], xd[~e, j])
