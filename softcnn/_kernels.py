@@ -359,6 +359,25 @@ def tv_group(X, steps, lh, lw, t, stop, n_iter, z, new, y, r, diff, bits, magnit
 
 
 @numba.njit(**_JIT)
+def _window(H, W, Lh, Lw, sh, sw):
+    """``(Sh, Sw)``: the kernel's extent, which reaches the whole image from every position."""
+    return H + (Lh - 1) * sh, W + (Lw - 1) * sw
+
+
+@numba.njit(**_JIT)
+def _flip(c, a, b, Sh, Sw):
+    """The kernel entry of flipped offset ``(c, a, b)``, flat in ``(C, Sh, Sw)``."""
+    return (c * Sh + Sh - 1 - a) * Sw + Sw - 1 - b
+
+
+@numba.njit(**_JIT)
+def _run_start(c, i, h, w, Sh, Sw, sh):
+    """Where, in the flipped kernels, the run of ``Lw`` offsets starts that positions row ``i``
+    read at stored row ``(c, h, w)`` (consecutive positions: the next offset at stride ``sw``)."""
+    return (c * Sh + i * sh + h) * Sw + w
+
+
+@numba.njit(**_JIT)
 def _flipped_kernels(m, ms, C, Sh, Sw):
     """``m * ms`` without the bias column, each ``Sh x Sw`` kernel flipped: ``(F, C Sh Sw)``."""
     out = np.empty((m.shape[0], C * Sh * Sw), m.dtype)
@@ -366,7 +385,7 @@ def _flipped_kernels(m, ms, C, Sh, Sw):
         for c in range(C):
             for a in range(Sh):
                 for b in range(Sw):
-                    k = (c * Sh + Sh - 1 - a) * Sw + Sw - 1 - b
+                    k = _flip(c, a, b, Sh, Sw)
                     out[f, (c * Sh + a) * Sw + b] = m[f, k] * ms[k]
     return out
 
@@ -382,7 +401,7 @@ def covering_block(m, ms, dev, sc, C, H, W, Lh, Lw, sh, sw, block):
     pixel's stored row (its flipped one). Reads and writes run along the positions, one row of
     positions at a time (contiguous segments at stride 1: they vectorise).
     """
-    Sh, Sw = H + (Lh - 1) * sh, W + (Lw - 1) * sw
+    Sh, Sw = _window(H, W, Lh, Lw, sh, sw)
     nf, hw = block.shape[1], H * W
     mf = _flipped_kernels(m, ms, C, Sh, Sw)
     for r in range(C * hw):
@@ -391,7 +410,7 @@ def covering_block(m, ms, dev, sc, C, H, W, Lh, Lw, sh, sw, block):
         for f in range(nf):
             out, d, s, k = block[r, f], dev[rs, f], sc[rs], mf[f]
             for i in range(Lh):
-                p, base = i * Lw, (c * Sh + i * sh + h) * Sw + w
+                p, base = i * Lw, _run_start(c, i, h, w, Sh, Sw, sh)
                 oo, do, so = out[p : p + Lw], d[p : p + Lw], s[p : p + Lw]
                 if sw == 1:  # a contiguous slice (a strided one's loop does not vectorise)
                     ko = k[base : base + Lw]
@@ -415,7 +434,7 @@ def covering_adjoint(g, go, ms, sc, C, H, W, Lh, Lw, sh, sw, gm):
     the shared kernels' (``g`` summed onto the offsets, times ``ms``: the adjoint of
     :func:`covering_block`). A pixel's row and its stored one are read and written together
     (the flip swaps them)."""
-    Sh, Sw = H + (Lh - 1) * sh, W + (Lw - 1) * sw
+    Sh, Sw = _window(H, W, Lh, Lw, sh, sw)
     nf, hw, chw, K = g.shape[1], H * W, C * H * W, gm.shape[1]
     acc = np.zeros((nf, C * Sh * Sw), g.dtype)  # onto the flipped offsets, as in covering_block
     for r in range(chw):
@@ -430,7 +449,7 @@ def covering_adjoint(g, go, ms, sc, C, H, W, Lh, Lw, sh, sw, gm):
             for f in range(nf):
                 gx, acc_f = g[x, f], acc[f]
                 for i in range(Lh):
-                    base = (c * Sh + i * sh + hx) * Sw + wx
+                    base = _run_start(c, i, hx, wx, Sh, Sw, sh)
                     gi = gx[i * Lw : (i + 1) * Lw]
                     if sw == 1:  # a contiguous slice (a strided one's loop does not vectorise)
                         ka = acc_f[base : base + Lw]
@@ -461,7 +480,7 @@ def covering_adjoint(g, go, ms, sc, C, H, W, Lh, Lw, sh, sw, gm):
         for c in range(C):
             for a in range(Sh):
                 for b in range(Sw):
-                    k = (c * Sh + Sh - 1 - a) * Sw + Sw - 1 - b
+                    k = _flip(c, a, b, Sh, Sw)
                     gm[f, k] = acc[f, (c * Sh + a) * Sw + b] * ms[k]
 
 
@@ -480,7 +499,7 @@ def stored_soft_threshold(raw, m, neg_m, scale, thr, C, H, W, Lh, Lw, sh, sw):
     c)`` (exactly +0 where ``|w| <= c``): ``set_stored_kernels(soft_threshold(stored_kernels(),
     thr))`` with ``neg_m = -m_new / scale`` for the new shared kernels ``m_new``, the same
     operations in the same order."""
-    Sh, Sw, hw = H + (Lh - 1) * sh, W + (Lw - 1) * sw, H * W
+    (Sh, Sw), hw = _window(H, W, Lh, Lw, sh, sw), H * W
     nf, K = raw.shape[1], m.shape[1]
     one = np.ones(K, m.dtype)
     mf, nmf = _flipped_kernels(m, one, C, Sh, Sw), _flipped_kernels(neg_m, one, C, Sh, Sw)
@@ -491,7 +510,7 @@ def stored_soft_threshold(raw, m, neg_m, scale, thr, C, H, W, Lh, Lw, sh, sw):
         for f in range(nf):
             row, k, nk = raw[r, f], mf[f], nmf[f]
             for i in range(Lh):
-                p, b = i * Lw, (c * Sh + i * sh + h) * Sw + w
+                p, b = i * Lw, _run_start(c, i, h, w, Sh, Sw, sh)
                 ro = row[p : p + Lw]
                 if sw == 1:  # contiguous slices (they vectorise)
                     ko, no, so, to = k[b : b + Lw], nk[b : b + Lw], sf[b : b + Lw], tf[b : b + Lw]
