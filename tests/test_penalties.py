@@ -44,7 +44,7 @@ def tiny_layer():
 def test_tying_l2_mean_is_sum_of_squared_deviations_over_positions():
     layer = tiny_layer()
     expected = (1.0**2 + 2.0**2 + 0.5**2) / 4
-    assert float(TyingL2Mean().value(_Net([layer]))) == pytest.approx(expected)
+    assert float(TyingL2Mean().value(_Net([layer])).detach()) == pytest.approx(expected)
 
 
 def test_tying_l2_mean_at_best_shared_kernel_equals_design_formula():
