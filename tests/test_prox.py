@@ -764,11 +764,12 @@ def test_pairwise_without_pooling_is_the_ramp(kernel_backend, dtype):
     x = torch.randn(n, cols, generator=g, dtype=torch.float64)
     mask = torch.rand(n, cols, generator=g) < 0.6
     mask[:, 0] = True
-    xs = x.sort(0).values
-    t = float((xs[1:] - xs[:-1]).min()) / 4
     x = x.to(dtype)
-    got = pairwise_l1_prox(x, t, dim=0, mask=mask).double()
     xd = x.double()
+    xs = xd.sort(0).values
+    t = float((xs[1:] - xs[:-1]).min()) / 4  # (of the values as given: float32 rounds them)
+    assert t > 0
+    got = pairwise_l1_prox(x, t, dim=0, mask=mask).double()
     for j in range(cols):
         e = mask[:, j]
         m = int(e.sum())
