@@ -371,6 +371,15 @@ def _flip(c, a, b, Sh, Sw):
 
 
 @numba.njit(**_JIT)
+def _stored_row(r, H, W):
+    """The stored row of pixel ``r`` (image order, flat in ``(C, H, W)``): its coordinates
+    ``(c, h, w)``, the pixel flipped within its channel, and its flat index."""
+    hw = H * W
+    c, h, w = r // hw, H - 1 - (r % hw) // W, W - 1 - r % W
+    return c, h, w, (c * H + h) * W + w
+
+
+@numba.njit(**_JIT)
 def _run_start(c, i, h, w, Sh, Sw, sh):
     """Where, in the flipped kernels, the run of ``Lw`` offsets starts that positions row ``i``
     read at stored row ``(c, h, w)`` (consecutive positions: the next offset at stride ``sw``)."""
@@ -405,8 +414,7 @@ def covering_block(m, ms, dev, sc, C, H, W, Lh, Lw, sh, sw, block):
     nf, hw = block.shape[1], H * W
     mf = _flipped_kernels(m, ms, C, Sh, Sw)
     for r in range(C * hw):
-        c, h, w = r // hw, H - 1 - (r % hw) // W, W - 1 - r % W  # the stored row's coordinates
-        rs = (c * H + h) * W + w
+        c, h, w, rs = _stored_row(r, H, W)
         for f in range(nf):
             out, d, s, k = block[r, f], dev[rs, f], sc[rs], mf[f]
             for i in range(Lh):
@@ -435,11 +443,10 @@ def covering_adjoint(g, go, ms, sc, C, H, W, Lh, Lw, sh, sw, gm):
     :func:`covering_block`). A pixel's row and its stored one are read and written together
     (the flip swaps them)."""
     Sh, Sw = _window(H, W, Lh, Lw, sh, sw)
-    nf, hw, chw, K = g.shape[1], H * W, C * H * W, gm.shape[1]
+    nf, chw, K = g.shape[1], C * H * W, gm.shape[1]
     acc = np.zeros((nf, C * Sh * Sw), g.dtype)  # onto the flipped offsets, as in covering_block
     for r in range(chw):
-        c, h, w = r // hw, H - 1 - (r % hw) // W, W - 1 - r % W
-        rs = (c * H + h) * W + w  # g[r] is the gradient of stored row rs, and g[rs] of stored row r
+        c, h, w, rs = _stored_row(r, H, W)  # g[r] is the gradient of stored row rs, and g[rs] of row r
         if rs < r:
             continue
         for second in range(2):  # each row onto its stored row's offsets (coordinates hx, wx)
