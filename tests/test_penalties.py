@@ -28,6 +28,11 @@ class _Net:
         self.soft_layers, self.linear_layers = list(layers), list(linears)
 
 
+def _value(pen, net) -> float:
+    """A penalty's value on ``net`` as a number (detached: it may carry a graph)."""
+    return float(pen.value(net).detach())
+
+
 def tiny_layer():
     """3x3 image, k=2, 'valid', support 2: L = 4 positions, 1 channel, K = 4 weights + bias."""
     layer = SoftConv2d(1, 1, 2, (3, 3), padding="valid", support=2, dtype=torch.float64)
@@ -44,7 +49,7 @@ def tiny_layer():
 def test_tying_l2_mean_is_sum_of_squared_deviations_over_positions():
     layer = tiny_layer()
     expected = (1.0**2 + 2.0**2 + 0.5**2) / 4
-    assert float(TyingL2Mean().value(_Net([layer])).detach()) == pytest.approx(expected)
+    assert _value(TyingL2Mean(), _Net([layer])) == pytest.approx(expected)
 
 
 def test_tying_l2_mean_at_best_shared_kernel_equals_design_formula():
@@ -56,7 +61,7 @@ def test_tying_l2_mean_at_best_shared_kernel_equals_design_formula():
         layer.shared.copy_(mean)
         layer.deviation.copy_(w - mean)
     design = float(((w - w.mean(0)) ** 2).sum()) / 4
-    assert float(TyingL2Mean().value(_Net([layer]))) == pytest.approx(design)
+    assert _value(TyingL2Mean(), _Net([layer])) == pytest.approx(design)
 
 
 def test_tying_l2_grid_by_hand():
@@ -65,7 +70,7 @@ def test_tying_l2_grid_by_hand():
     pairs = [(0, 2), (1, 3), (0, 1), (2, 3)]
     d = {0: np.array([1, 0, 0, 0, 0.0]), 1: np.array([0, 0, 0.5, 0, 0]), 2: np.zeros(5), 3: np.array([0, 0, 0, 0, -2.0])}
     expected = sum(((d[p] - d[q]) ** 2).sum() for p, q in pairs) / 4
-    assert float(TyingL2Grid().value(_Net([layer]))) == pytest.approx(expected)
+    assert _value(TyingL2Grid(), _Net([layer])) == pytest.approx(expected)
 
 
 def test_tying_grid_compares_only_offsets_existing_at_both_positions():
@@ -74,8 +79,8 @@ def test_tying_grid_compares_only_offsets_existing_at_both_positions():
     with torch.no_grad():
         layer.set_deviations(torch.tensor([[[0.0, 3.0, 5.0, 0.0]], [[7.0, 1.0, 0.0, 0.0]]], dtype=torch.float64))
     # offset 0 (index 1) exists at both; its difference is 2 -> 4 / L=2
-    assert float(TyingL2Grid().value(_Net([layer]))) == pytest.approx(4.0 / 2)
-    assert float(TyingL2Mean().value(_Net([layer]))) == pytest.approx((9 + 25 + 49 + 1) / 2)
+    assert _value(TyingL2Grid(), _Net([layer])) == pytest.approx(4.0 / 2)
+    assert _value(TyingL2Mean(), _Net([layer])) == pytest.approx((9 + 25 + 49 + 1) / 2)
 
 
 def test_locality_window_penalises_only_outside_the_window():
@@ -83,12 +88,12 @@ def test_locality_window_penalises_only_outside_the_window():
     with torch.no_grad():
         layer.shared.fill_(2.0)
     # centre position sees all 9 offsets; the 8 outside the 1x1 window cost 4 each
-    w = layer.kernels()[..., :-1]
+    w = layer.kernels()[..., :-1].detach()
     outside = (~layer.window).double()
     expected = float((w.pow(2) * outside).sum()) / layer.n_positions
     pen = LocalityL2("window")
-    assert float(pen.value(_Net([layer]))) == pytest.approx(expected)
-    assert float(pen.layer_value(layer)) > 0
+    assert _value(pen, _Net([layer])) == pytest.approx(expected)
+    assert float(pen.layer_value(layer).detach()) > 0
     # existing-offset count by hand: corners see 4 pixels (3 outside), edges 6 (5), centre 9 (8)
     assert expected == pytest.approx(4.0 * (4 * 3 + 4 * 5 + 8) / 9)
 
@@ -123,8 +128,8 @@ def test_ridge_includes_dense_layers_and_skips_biases():
     net = SoftConvNet((1, 3, 3), (1,), 2, padding="valid", support=2, n_outputs=2,
                       generator=torch.Generator().manual_seed(0))
     layer, lin = net.soft_layers[0], net.linear_layers[0]
-    expected = float(layer.kernels()[..., :-1].pow(2).sum()) / 4 + float(lin.weight.pow(2).sum())
-    assert float(Ridge().value(net)) == pytest.approx(expected)
+    expected = float(layer.kernels()[..., :-1].detach().pow(2).sum()) / 4 + float(lin.weight.detach().pow(2).sum())
+    assert _value(Ridge(), net) == pytest.approx(expected)
 
 
 def test_penalties_average_over_positions():
@@ -134,7 +139,7 @@ def test_penalties_average_over_positions():
         layer = SoftConv2d(1, 1, 3, (size, size), padding="same", support=3, dtype=torch.float64)
         with torch.no_grad():
             layer.deviation[..., 4] = 1.5  # the centre weight, which exists everywhere
-        values.append(float(TyingL2Mean().value(_Net([layer]))))
+        values.append(_value(TyingL2Mean(), _Net([layer])))
     assert values[0] == pytest.approx(values[1]) == pytest.approx(1.5**2)
 
 
